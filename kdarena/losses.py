@@ -28,9 +28,14 @@ class MixedTarget:
 Target = Union[Tensor, MixedTarget]
 
 
+def upcast(x: Tensor) -> Tensor:
+    """Half-precision values become float32 for the loss; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def cross_entropy(logits: Tensor, target: Target) -> Tensor:
     """Mean cross-entropy for class indices or a :class:`MixedTarget` (computed in float32)."""
-    logits = logits.float()
+    logits = upcast(logits)
     if isinstance(target, MixedTarget):
         return target.lam * F.cross_entropy(logits, target.a) + (1.0 - target.lam) * F.cross_entropy(
             logits, target.b
@@ -46,8 +51,8 @@ def kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor, temperature: f
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+    log_p_student = F.log_softmax(upcast(student_logits) / temperature, dim=1)
+    log_p_teacher = F.log_softmax(upcast(teacher_logits.detach()) / temperature, dim=1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return kl * (temperature * temperature)
 
@@ -69,7 +74,7 @@ def feature_l2(student_features: Tensor, teacher_features: Tensor, reduction: st
             f"feature shapes differ: student {tuple(student_features.shape)} vs teacher "
             f"{tuple(teacher_features.shape)}; give the student an adapter (Group(feature_adapters=True))"
         )
-    diff = student_features.float() - teacher_features.detach().float()
+    diff = upcast(student_features) - upcast(teacher_features.detach())
     squared = diff.pow(2)
     if reduction == "mean":
         return squared.mean()
