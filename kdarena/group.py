@@ -71,6 +71,7 @@ class Group(nn.Module):
             raise ValueError(f"got {len(layers)} feature layers for {len(networks)} networks")
         self.feature_layers = [_resolve_feature_layer(net, name) for net, name in zip(networks, layers)]
         self._captured: dict[int, Tensor] = {}
+        self._runners: list | None = None  # e.g. torch.compile'd networks; plain list so they are not re-registered
         if collect_features:
             missing = [i for i, name in enumerate(self.feature_layers) if name is None]
             if missing:
@@ -89,9 +90,15 @@ class Group(nn.Module):
     def __len__(self) -> int:
         return len(self.networks)
 
-    def forward(self, x: Tensor | Sequence[Tensor], networks: Sequence[nn.Module] | None = None) -> GroupOutput:
-        """Run each network. ``networks`` substitutes wrappers (e.g. DDP or compiled modules) of the same networks."""
-        nets = list(networks) if networks is not None else list(self.networks)
+    def set_runners(self, runners: Sequence[nn.Module] | None) -> None:
+        """Run these callables (e.g. ``torch.compile`` wrappers of the same networks) in ``forward``."""
+        if runners is not None and len(runners) != len(self.networks):
+            raise ValueError(f"got {len(runners)} runners for {len(self.networks)} networks")
+        self._runners = list(runners) if runners is not None else None
+
+    def forward(self, x: Tensor | Sequence[Tensor]) -> GroupOutput:
+        """Run each network on ``x`` or on its own entry of a list of n inputs."""
+        nets = self._runners if self._runners is not None else list(self.networks)
         inputs = list(x) if isinstance(x, (list, tuple)) else [x] * len(nets)
         if len(inputs) != len(nets):
             raise ValueError(f"got {len(inputs)} inputs for {len(nets)} networks")

@@ -1,0 +1,175 @@
+"""Command line: ``kdarena train | eval | models | sweep | report | plot``.
+
+Bad input exits with status 2 and a one-line message; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .runlog import RunDirError
+
+    return (ConfigError, CheckpointError, RunDirError, FileNotFoundError, ValueError, ImportError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdarena", description="Competitive distillation and its baselines for groups of networks.")
+    parser.add_argument("--version", action="version", version=f"kdarena {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a group from a YAML config")
+    train.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.05 method.name=dml")
+    train.add_argument("--out", help="run directory (default: OUTPUT/NAME from the config)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("--force", action="store_true", help="move an existing run directory aside instead of refusing")
+    train.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    ev = sub.add_parser("eval", help="evaluate every network of a checkpoint")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--split", choices=["test", "val"], default="test")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.root=...)")
+    ev.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    sub.add_parser("models", help="list the registered models")
+
+    sweep = sub.add_parser("sweep", help="run methods x seeds into one experiment directory")
+    sweep.add_argument("config")
+    sweep.add_argument("overrides", nargs="*")
+    sweep.add_argument("--methods", default="independent,dml,cd", help="comma-separated; a name may carry overrides: cd:perturb.every=10")
+    sweep.add_argument("--seeds", default="0,1,2")
+    sweep.add_argument("--out", help="experiment directory (default: OUTPUT/NAME-sweep)")
+    sweep.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    report = sub.add_parser("report", help="tables of mean +- std over seeds from experiment directories")
+    report.add_argument("dirs", nargs="+")
+    report.add_argument("--out", help="where to write report.md and report.csv (default: the first directory)")
+    report.add_argument("--best-on-test", action="store_true", help="also report the best test accuracy (selected on test; labelled so)")
+    report.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    plot = sub.add_parser("plot", help="PNG plots of a run or an experiment directory")
+    plot.add_argument("path")
+    plot.add_argument("--out", help="folder for the PNGs (default: PATH/plots)")
+    plot.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def _cmd_train(args) -> int:
+    from . import config as cfg
+    from .trainer import Interrupted, train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        base = run_dir / "config.yaml"
+        overrides = ([args.config] if args.config and "=" in args.config else []) + list(args.overrides)
+        if args.config and "=" not in args.config and Path(args.config).resolve() != base.resolve():
+            logging.getLogger("kdarena").info("resuming with the run's own config.yaml; %s is not used", args.config)
+        if not base.is_file():
+            from .runlog import RunDirError
+
+            raise RunDirError(f"cannot resume: {run_dir} holds no run (no config.yaml)")
+        config = cfg.load(base, overrides)
+    else:
+        if not args.config:
+            raise cfg.ConfigError("kdarena train needs a CONFIG file (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
+        config = cfg.load(args.config, args.overrides)
+        run_dir = Path(args.out) if args.out else None
+    try:
+        summary = train(config, run_dir=run_dir, resume=bool(args.resume), force=args.force)
+    except Interrupted as stop:
+        print(f"kdarena: {stop}", file=sys.stderr)
+        return 130
+    if summary.get("networks"):
+        _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    split = summary.get("selection_split", "test")
+    print(f"run: {summary.get('run_dir', '')}  epochs: {summary['epochs']}  images/s: {summary.get('images_per_s', 0):.0f}")
+    header = f"{'network':<10} {'model':<14} {'last test':>10} {'best-' + split + ' test':>15} {'teacher share':>14}"
+    print(header)
+    models = summary.get("config", {}).get("models", [])
+    for i, entry in enumerate(summary["networks"]):
+        at_best = entry.get("test_at_best_val_top1", entry["best_test_top1_selected_on_test"])
+        print(f"{entry['name']:<10} {models[i] if i < len(models) else '':<14} {entry['last_test_top1']:>10.2f} {at_best:>15.2f} {entry.get('teacher_share', 0):>14.2f}")
+    ens = summary["ensemble"]
+    print(f"{'ensemble':<10} {'':<14} {ens['last_test_top1']:>10.2f} {ens.get('test_at_best_val_top1', ens['best_test_top1_selected_on_test']):>15.2f}")
+
+
+def _cmd_eval(args) -> int:
+    from .evaluation_cli import evaluate_checkpoint
+
+    results = evaluate_checkpoint(args.checkpoint, args.split, args.overrides)
+    for key, value in results.items():
+        print(f"{key:<24} {value:8.2f}" if isinstance(value, float) else f"{key:<24} {value}")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from . import models
+
+    for name in models.available():
+        print(name)
+    print("timm:NAME  (any timm model, with pip install 'kdarena[timm]')")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    run_sweep(args.config, args.overrides, args.methods, args.seeds, args.out)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    print(write_report(args.dirs, args.out, best_on_test=args.best_on_test))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .plot import plot_path
+
+    for path in plot_path(args.path, args.out):
+        print(path)
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "models": _cmd_models, "sweep": _cmd_sweep, "report": _cmd_report, "plot": _cmd_plot}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("kdarena: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as error:
+        if args.debug:
+            raise
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"kdarena: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

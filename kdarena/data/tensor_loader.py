@@ -1,0 +1,246 @@
+"""A data loader for data sets that fit on the training device (airbench style).
+
+The whole :class:`~kdarena.data.datasets.ArrayDataset` is copied to the device once, as a single
+``uint8`` tensor.  Each batch is a ``uint8`` gather, then batched random crop (zero padding) and
+horizontal flip done as one more gather with per-sample offsets, then normalisation -- all on the
+device, no per-image Python loop.  An epoch of CIFAR-10 (50k 3x32x32) costs a fraction of a
+second even on a CPU.
+
+Determinism and distribution
+----------------------------
+The sample order and every augmentation parameter are a pure function of ``(seed, epoch)``: at
+the start of an epoch a CPU :class:`torch.Generator` seeded from ``(seed, epoch)`` draws ONE
+permutation of all N samples, then per-position crop offsets and flip bits for all N.  The
+epoch order is cut into *global* batches of ``batch_size * world_size``; rank ``r`` takes positions
+``[r*B, (r+1)*B)`` of every global batch.  Hence ranks ``0..W-1`` with batch ``B`` together see
+exactly what one process with batch ``W*B`` sees, with identical augmentation, and
+``iterate(epoch, start_batch)`` resumes mid-epoch exactly.
+
+A final incomplete global batch (kept when ``drop_last`` is false, always for eval loaders) is
+split into ``world_size`` contiguous pieces whose sizes differ by at most one; ranks whose piece is
+empty (when fewer samples than ranks remain) skip it, so on such ranks ``len()`` is one less.
+
+Eval loaders (``train=False``) never shuffle, augment or drop samples: across the ranks every
+sample is seen exactly once (no padding, no duplicates).  Reduce per-rank sums after the loop,
+not per batch, since batch counts may differ by one across ranks.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .datasets import ArrayDataset
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit generator seed that depends only on ``(seed, epoch)``."""
+    return _splitmix64(_splitmix64(int(seed) & _MASK64) ^ (int(epoch) & _MASK64)) >> 1
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    g.manual_seed(epoch_seed(seed, epoch))
+    return g
+
+
+def batch_spans(
+    n: int, batch_size: int, world_size: int, rank: int, drop_last: bool
+) -> list[tuple[int, int]]:
+    """``(start, stop)`` positions in the epoch order of every batch of ``rank`` (see module doc)."""
+    g = batch_size * world_size
+    full = n // g
+    spans = [(i * g + rank * batch_size, i * g + (rank + 1) * batch_size) for i in range(full)]
+    rem = n - full * g
+    if rem > 0 and not drop_last:
+        base, extra = divmod(rem, world_size)
+        size = base + (1 if rank < extra else 0)
+        start = full * g + rank * base + min(rank, extra)
+        if size > 0:
+            spans.append((start, start + size))
+    return spans
+
+
+def _check_common(batch_size: int, rank: int, world_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, {world_size}), got {rank!r}")
+
+
+def normalisation(
+    mean: Sequence[float], std: Sequence[float], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, bias)`` of shape (1, C, 1, 1) so that ``x_uint8 * scale + bias`` is normalised."""
+    m = torch.tensor([float(v) for v in mean], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    s = torch.tensor([float(v) for v in std], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return 1.0 / (255.0 * s), -m / s
+
+
+class TensorLoader:
+    """Iterates ``(x, y)`` batches of an :class:`ArrayDataset` held on ``device``.
+
+    ``x`` is normalised (dataset mean/std), ``dtype``, shape ``(b, C, H, W)``; ``y`` is int64.
+    ``train=True`` shuffles and augments (``crop_padding``: random crop after zero padding, 4 for
+    CIFAR; ``flip``: random horizontal flip) and drops the last incomplete global batch unless
+    ``drop_last=False``.  ``train=False`` keeps the natural order, never augments and never drops
+    (``drop_last`` is ignored).  See the module docstring for the distributed contract.
+    """
+
+    def __init__(
+        self,
+        dataset: ArrayDataset,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        train: bool = True,
+        seed: int = 0,
+        crop_padding: int = 0,
+        flip: bool = False,
+        drop_last: bool | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        _check_common(batch_size, rank, world_size)
+        if not isinstance(dataset, ArrayDataset):
+            raise TypeError(f"TensorLoader needs an ArrayDataset, got {type(dataset).__name__}")
+        if crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating type, got {dtype}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.train = bool(train)
+        self.seed = int(seed)
+        self.crop_padding = int(crop_padding) if self.train else 0
+        self.flip = bool(flip) and self.train
+        self.drop_last = (self.train if drop_last is None else bool(drop_last)) and self.train
+        self.rank = rank
+        self.world_size = world_size
+        self.channels_last = bool(channels_last)
+        self.dtype = dtype
+        self.epoch = 0
+        n = len(dataset)
+        self._spans = batch_spans(n, batch_size, world_size, rank, self.drop_last)
+        if self.train and self.drop_last and n < batch_size * world_size and n > 0:
+            raise ValueError(
+                f"{dataset.name}: global batch size {batch_size * world_size} (batch_size {batch_size} x "
+                f"world_size {world_size}) exceeds the {n} training samples; every batch would be dropped"
+            )
+        self.images = dataset.images.to(self.device)
+        self.labels = dataset.labels.to(self.device)
+        self._scale, self._bias = normalisation(dataset.mean, dataset.std, self.device)
+        self._plan_cache: tuple[int, tuple[torch.Tensor, ...]] | None = None
+
+    # ------------------------------------------------------------------ interface
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch."""
+        return sum(b - a for a, b in self._spans)
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iterate(self.epoch, 0)
+
+    def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches ``start_batch, start_batch+1, ...`` of ``epoch`` (exact mid-epoch resume)."""
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        return self._generate(int(epoch), int(start_batch))
+
+    # ------------------------------------------------------------------ internals
+    def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(order, crop offsets (N, 2) as (dy, dx), flip mask (N,)) for ``epoch``, on the device.
+
+        Augmentation parameters are indexed by *position* in the epoch order.
+        """
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]  # type: ignore[return-value]
+        n = len(self.dataset)
+        offsets = flips = None
+        if self.train:
+            g = epoch_generator(self.seed, epoch)
+            order = torch.randperm(n, generator=g)
+            if self.crop_padding > 0:
+                offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g)
+            if self.flip:
+                flips = torch.randint(0, 2, (n,), generator=g).bool()
+        else:
+            order = torch.arange(n)
+        plan = tuple(t.to(self.device) if t is not None else None for t in (order, offsets, flips))
+        self._plan_cache = (epoch, plan)  # type: ignore[assignment]
+        return plan  # type: ignore[return-value]
+
+    def _generate(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if start_batch >= len(self._spans):
+            return
+        order, offsets, flips = self.epoch_plan(epoch)
+        for a, b in self._spans[start_batch:]:
+            idx = order[a:b]
+            x = self.images.index_select(0, idx)
+            if offsets is not None or flips is not None:
+                x = augment_crop_flip(
+                    x,
+                    self.crop_padding,
+                    offsets[a:b] if offsets is not None else None,
+                    flips[a:b] if flips is not None else None,
+                )
+            yield self._normalise(x), self.labels.index_select(0, idx)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().mul_(self._scale).add_(self._bias)
+        if self.dtype != torch.float32:
+            x = x.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def augment_crop_flip(
+    x: torch.Tensor, padding: int, offsets: torch.Tensor | None, flips: torch.Tensor | None
+) -> torch.Tensor:
+    """Batched random crop with zero ``padding`` and horizontal flip, as a single gather.
+
+    ``x``: (B, C, H, W) any dtype; ``offsets``: (B, 2) integer (dy, dx) in ``[0, 2*padding]``
+    (None: centre, i.e. no shift); ``flips``: (B,) bool (None: no flip).  Output has x's shape:
+    ``out[b, :, i, j] = padded[b, :, dy+i, dx+j']`` with ``j' = W-1-j`` where flipped
+    (crop then flip).
+    """
+    bsz, c, h, w = x.shape
+    p = padding if offsets is not None else 0
+    if p > 0:
+        x = F.pad(x, (p, p, p, p))
+    hp, wp = h + 2 * p, w + 2 * p
+    dev = x.device
+    rows = torch.arange(h, device=dev).view(1, h, 1)
+    cols = torch.arange(w, device=dev).view(1, 1, w)
+    if flips is not None:
+        cols = torch.where(flips.view(-1, 1, 1), (w - 1) - cols, cols)
+    if offsets is not None:
+        rows = rows + offsets[:, 0].view(-1, 1, 1)
+        cols = cols + offsets[:, 1].view(-1, 1, 1)
+    index = (rows * wp + cols).expand(bsz, h, w).reshape(bsz, 1, h * w).expand(bsz, c, h * w)
+    return x.reshape(bsz, c, hp * wp).gather(2, index).view(bsz, c, h, w)

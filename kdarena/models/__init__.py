@@ -1,0 +1,14 @@
+"""Model zoo: CIFAR ResNets, WRNs, MobileNetV2, ShuffleNetV2, VGG, a tiny ConvNet, and any timm
+model as ``'timm:NAME'``.
+
+>>> from kdarena import models
+>>> net = models.create("resnet20", num_classes=10, in_channels=3)
+>>> models.feature_layer(net)   # module whose output is the pooled (N, D) feature
+'pool'
+"""
+from __future__ import annotations
+
+from .registry import available, create, feature_layer, register
+from . import convnet, mobilenetv2, resnet_cifar, shufflenetv2, vgg, wrn  # noqa: F401  (register models)
+
+__all__ = ["available", "create", "feature_layer", "register"]
