@@ -196,8 +196,12 @@ class Trainer:
             log.info("resumed from %s at epoch %d, batch %d", path, self.epoch, self.batch_in_epoch)
 
     # ------------------------------------------------------------------ one step
-    def _clean_selection_ce(self, x: Tensor, y: Tensor, network: int, own_ce: Tensor) -> Tensor:
-        """Own-batch CE with the perturbed network's entry replaced by its CE on the clean batch."""
+    def _clean_ce(self, x: Tensor, y: Tensor, network: int) -> Tensor:
+        """The perturbed network's CE on the clean batch (train mode, BN statistics left untouched).
+
+        Called before the group's forward: restoring the BN buffers in place after that forward
+        would modify tensors its backward still needs.
+        """
         net = self.group.networks[network]
         buffers = {name: b.clone() for name, b in net.named_buffers()}  # keep BN statistics untouched
         with torch.no_grad(), autocast_context(self.device, self.config.train.precision):
@@ -205,9 +209,7 @@ class Trainer:
         with torch.no_grad():
             for name, b in net.named_buffers():
                 b.copy_(buffers[name])
-        selection = own_ce.detach().float().clone()
-        selection[network] = clean
-        return selection
+        return clean
 
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Any]:
         cfg = self.config
@@ -219,6 +221,10 @@ class Trainer:
             x_p, t_p = self.perturber.apply(decision, x, y)
             inputs = [x_p if i == decision.network else x for i in range(n)]
             targets = [t_p if i == decision.network else y for i in range(n)]
+        is_cd = isinstance(self.method, CompetitiveDistillation)
+        clean_ce = None
+        if is_cd and decision is not None and cfg.method.selection in ("clean", "smoothed"):
+            clean_ce = self._clean_ce(x, y, decision.network)
         with autocast_context(self.device, cfg.train.precision):
             out = self.model(inputs)
             teacher_logits = None
@@ -226,12 +232,12 @@ class Trainer:
                 with torch.no_grad():
                     teacher_logits = self.teacher_net(x)
         selection_ce = None
-        is_cd = isinstance(self.method, CompetitiveDistillation)
         if is_cd and (cfg.method.selection in ("clean", "smoothed") or self.info.enabled):
             own = torch.stack([cross_entropy(z, t) for z, t in zip(out.logits, targets if isinstance(targets, list) else [targets] * n)]).detach().float()
             selection_ce = own
-            if decision is not None and cfg.method.selection in ("clean", "smoothed"):
-                selection_ce = self._clean_selection_ce(x, y, decision.network, own)
+            if clean_ce is not None:
+                selection_ce = own.clone()
+                selection_ce[decision.network] = clean_ce
             if self.info.enabled:  # every rank must pick the same teacher: judge on the global batch
                 selection_ce = dist_utils.all_reduce_mean(selection_ce.clone())
         losses = self.method.losses(out.logits, targets, out.features, self.group.adapt, selection_ce, teacher_logits)
