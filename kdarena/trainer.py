@@ -6,6 +6,7 @@ iteration. Only rank 0 writes files or shows progress.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -20,10 +21,12 @@ from torch import Tensor, nn
 from . import __version__, checkpoint as ckpt, distributed as dist_utils
 from .build import build_data, build_group, build_method, build_optimizer, build_perturbation, build_teacher
 from .config import Config, ConfigError, dump, to_dict
+from .data.tensor_loader import epoch_seed
 from .evaluate import autocast_context, evaluate
 from .losses import cross_entropy
 from .methods import CompetitiveDistillation
-from .runlog import MetricsLog, prepare, read_metrics, write_json
+from .mutation import MutationTracker
+from .runlog import MetricsLog, atomic_write_text, prepare, read_metrics, write_json
 from .schedule import build_scheduler
 
 log = logging.getLogger("kdarena")
@@ -97,11 +100,18 @@ class Trainer:
         example = next(iter(self.data.train.iterate(0, 0)))[0]
         self.group.build_adapters(example)
         if t.sync_batchnorm and self.info.enabled:
+            if self.device.type == "cpu":  # torch's SyncBatchNorm raises on CPU tensors (torch 2.13)
+                raise ConfigError("train.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does not run on CPU; drop it for CPU (gloo) runs")
             self.group = nn.SyncBatchNorm.convert_sync_batchnorm(self.group)
         self.n = len(self.group)
         self.method = build_method(config)
         self.teacher_net = build_teacher(config, self.data.num_classes, self.data.in_channels, self.device) if config.method.name == "kd" else None
         self.perturber = build_perturbation(config)
+        mutation = config.perturb.parameters
+        self.mutations = (
+            MutationTracker(self.n, mutation.scale, mutation.every, mutation.rollback_after, config.seed + 104729)
+            if mutation.enabled and config.method.name != "kd" else None
+        )
         self.optimizer = build_optimizer(config, self.group)
         self.steps_per_epoch = len(self.data.train)
         if self.steps_per_epoch == 0:
@@ -114,7 +124,16 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DDP(self.group, device_ids=ids)
-        if t.compile:
+        if t.fused:  # one vmapped forward for identical networks; parameters stay shared with self.group
+            from .fused import FusedGroup, FusedGroupError
+
+            if self.info.enabled:
+                raise ConfigError("train.fused supports single-process training only; set train.fused=false with torchrun")
+            try:
+                self.model = FusedGroup(self.group, compile=t.compile)
+            except FusedGroupError as error:
+                raise ConfigError(f"bad value for 'train.fused': {error}") from None
+        elif t.compile:
             self.group.set_runners([torch.compile(net) for net in self.group.networks])
 
         self.epoch = 0
@@ -124,12 +143,14 @@ class Trainer:
         self.best_val = [-1.0] * self.n
         self.best_val_any = -1.0
         self.history_seconds = 0.0
-        self.step_log: list[dict[str, Any]] | None = None  # set to a list to record every step (tests)
+        # A list records every step (tests); train.step_log also writes it to RUN_DIR/steps.rank<r>.jsonl.
+        self.step_log: list[dict[str, Any]] | None = [] if t.step_log else None
+        self._rank_generator: torch.Generator | None = None
         self._stop_signal: int | None = None
         if resume:
             self._resume()
         if self.is_main:
-            (self.run_dir / "config.yaml").write_text(dump(config))
+            atomic_write_text(self.run_dir / "config.yaml", dump(config))  # a kill mid-write must not break --resume
         self.metrics = MetricsLog(self.run_dir, t.tensorboard, resume_epoch=self.epoch if resume else None) if self.is_main else None
 
     # ------------------------------------------------------------------ checkpoints
@@ -148,6 +169,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "method": self.method.state_dict(),
             "perturb": self.perturber.state_dict() if self.perturber else None,
+            "mutation": self.mutations.state_dict() if self.mutations else None,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "global_step": self.global_step,
@@ -166,17 +188,35 @@ class Trainer:
 
     def _resume(self) -> None:
         path = self.checkpoint_dir / "last.pt"
+        previous = ckpt.previous_path(path)
+        if not path.exists() and not previous.exists():
+            # Stopped (e.g. killed) before its first checkpoint: nothing to restore, start from step 0.
+            if self.is_main:
+                log.warning("%s holds no checkpoint yet; starting the run from the beginning", self.run_dir)
+            return
         try:
             state = ckpt.load(path, map_location=self.device)
         except ckpt.CheckpointError as error:
-            previous = ckpt.previous_path(path)
             if not previous.is_file():
                 raise
             log.warning("%s; resuming from the previous checkpoint %s instead", error, previous)
             state = ckpt.load(previous, map_location=self.device)
+            if self.is_main and path.exists():
+                # Keep the bad file for inspection, but out of the way: the next save must not
+                # rotate it over the good previous checkpoint.
+                path.replace(path.with_name(path.stem + ".corrupt" + path.suffix))
+            path = previous
         mismatch = ckpt.describe_mismatch(state["config"], to_dict(self.config))
         if mismatch:
-            raise ckpt.CheckpointError(f"checkpoint {path} was made for another run: {mismatch}")
+            raise ckpt.CheckpointError(f"checkpoint {path} was made for another run: {mismatch}; "
+                                       f"resume without that override, or start a new run with --out")
+        saved_world = int(state.get("world_size", 1))
+        saved_batch = state["config"].get("data", {}).get("batch_size", self.config.data.batch_size)
+        if saved_batch * saved_world != self.config.data.batch_size * self.info.world_size:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was trained with a global batch of {saved_batch} x {saved_world} process(es); "
+                f"resume with the same data.batch_size x number of processes (now {self.config.data.batch_size} x {self.info.world_size})"
+            )
         try:
             self.group.load_state_dict(state["group"])
         except RuntimeError as error:
@@ -187,6 +227,8 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         if self.perturber is not None and state["perturb"] is not None:
             self.perturber.load_state_dict(state["perturb"])
+        if self.mutations is not None and state.get("mutation") is not None:
+            self.mutations.load_state_dict(state["mutation"])
         self.epoch, self.batch_in_epoch, self.global_step = state["epoch"], state["batch_in_epoch"], state["global_step"]
         self.stats.load_state_dict(state["stats"])
         self.best_val, self.best_val_any = state["best_val"], state["best_val_any"]
@@ -211,14 +253,30 @@ class Trainer:
                 b.copy_(buffers[name])
         return clean
 
+    def _sample_generator(self) -> torch.Generator | None:
+        """Generator for the perturbation op's per-sample randomness.
+
+        One process: None (the scheduler's own seeded stream). Under torchrun every rank perturbs its
+        own slice of the global batch, so each rank reseeds a generator from (scheduler seed, rank,
+        step): ranks draw different noise, and a resumed run draws the same, with no extra state.
+        The decision itself (network, op, lam) comes from the scheduler and is the same on all ranks.
+        """
+        if not self.info.enabled:
+            return None
+        if self._rank_generator is None:
+            self._rank_generator = torch.Generator(device=self.device)
+        self._rank_generator.manual_seed(epoch_seed(epoch_seed(self.perturber.seed, self.info.rank + 1), self.global_step))
+        return self._rank_generator
+
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Any]:
         cfg = self.config
         n = self.n
         decision = self.perturber.decide(self.global_step) if self.perturber is not None else None
+        mutated = self.mutations.before_step(self.global_step, self.group.networks) if self.mutations is not None else None
         inputs: Any = x
         targets: Any = y
         if decision is not None:
-            x_p, t_p = self.perturber.apply(decision, x, y)
+            x_p, t_p = self.perturber.apply(decision, x, y, self._sample_generator())
             inputs = [x_p if i == decision.network else x for i in range(n)]
             targets = [t_p if i == decision.network else y for i in range(n)]
         is_cd = isinstance(self.method, CompetitiveDistillation)
@@ -254,12 +312,19 @@ class Trainer:
             hits,
             torch.stack([losses.terms[k].float() for k in term_names]) if term_names else hits.new_zeros(0),
         ])
-        finite_flags = torch.isfinite(packed[:n]).float()
+        batch = y.shape[0]
         if self.info.enabled:
-            finite_flags = dist_utils.all_reduce_sum(finite_flags) == self.info.world_size
-            finite_flags = finite_flags.float()
+            # One collective per step: global-batch means (losses, terms) and sums (hits, samples), so every
+            # rank logs and applies train.nonfinite identically; NaN/Inf on any rank stays non-finite. The
+            # teacher stays this rank's own choice (from the all-reduced selection CE), so records show any disagreement.
+            reduced = dist_utils.all_reduce_sum(torch.cat([packed[:n], packed[n + 1:], packed.new_tensor([float(batch)])]))
+            packed = torch.cat([reduced[:n], packed[n:n + 1], reduced[n:]])
         values = packed.tolist()
-        finite = [bool(f) for f in finite_flags.tolist()]
+        if self.info.enabled:
+            w = self.info.world_size
+            batch = int(values.pop())
+            values = [v / w for v in values[:n]] + values[n:2 * n + 1] + [v / w for v in values[2 * n + 1:]]
+        finite = [math.isfinite(v) for v in values[:n]]
         per_network, teacher = values[:n], int(values[n])
         bad = [i for i in range(n) if not finite[i]]
         if bad:
@@ -272,16 +337,17 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.mutations is not None:
+            self.mutations.after_step(teacher, self.group.networks)
 
         s = self.stats
-        batch = y.shape[0] * self.info.world_size
         s.steps += 1
         s.samples += batch
         for i in range(n):
             if finite[i]:
                 s.sums[f"loss_{i}"] += per_network[i]
             s.sums[f"hits_{i}"] += values[n + 1 + i]
-        s.sums["count"] += y.shape[0]
+        s.sums["count"] += batch
         for name, value in zip(term_names, values[2 * n + 1:]):
             if math.isfinite(value):
                 s.sums[name] += value
@@ -294,7 +360,7 @@ class Trainer:
             s.perturbed[decision.op] += 1
             if decision.network == teacher:
                 s.perturbed_won[decision.op] += 1
-        record = {"step": self.global_step, "teacher": teacher, "losses": per_network,
+        record = {"step": self.global_step, "teacher": teacher, "losses": per_network, "mutated": mutated,
                   "perturbation": None if decision is None else (decision.network, decision.op, decision.lam)}
         if self.step_log is not None:
             self.step_log.append(record)
@@ -365,6 +431,8 @@ class Trainer:
         for op, count_op in sorted(s.perturbed.items()):
             record[f"perturb/{op}/count"] = count_op
             record[f"perturb/{op}/won"] = s.perturbed_won.get(op, 0)
+        if self.mutations is not None:
+            record.update(self.mutations.pop_counts())
         record["train_seconds"] = s.seconds
         record["images_per_s"] = s.samples / s.seconds if s.seconds > 0 else 0.0
         record["epoch_seconds"] = elapsed
@@ -380,7 +448,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.config
-        previous_handlers = self._install_signal_handlers() if self.is_main or True else {}
+        previous_handlers = self._install_signal_handlers()
         progress = None
         try:
             while self.epoch < cfg.optim.epochs:
@@ -411,7 +479,7 @@ class Trainer:
                     stop = self._stop_signal
                     if self.info.enabled:
                         flag = torch.tensor([float(stop or 0)], device=self.device)
-                        stop = int(dist_utils.all_reduce_sum(flag).item()) or None
+                        stop = int(dist_utils.all_reduce_max(flag).item()) or None
                     if stop:
                         self.save()
                         raise Interrupted(f"stopped by signal {stop} at step {self.global_step}; resume with --resume {self.run_dir}")
@@ -426,6 +494,15 @@ class Trainer:
                 progress.close()
             for sig, h in previous_handlers.items():
                 signal.signal(sig, h)
+            self._write_step_log()
+
+    def _write_step_log(self) -> None:
+        """train.step_log (testing/debugging aid): append this rank's step records to RUN_DIR/steps.rank<r>.jsonl."""
+        if not self.config.train.step_log or not self.step_log:
+            return
+        with open(self.run_dir / f"steps.rank{self.info.rank}.jsonl", "a") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in self.step_log)
+        self.step_log.clear()
 
     def _checkpoint_now(self) -> bool:
         every = self.config.train.checkpoint_every_steps
