@@ -19,7 +19,25 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .runlog import RunDirError
 
-    return (ConfigError, CheckpointError, RunDirError, FileNotFoundError, ValueError, ImportError)
+    try:
+        from .trainer import NonFiniteLossError
+    except ImportError:  # e.g. torch missing: report the original error, not this one
+        NonFiniteLossError = ConfigError  # type: ignore[misc,assignment]
+
+    # OSError covers missing files, a full disk and permissions; NonFiniteLossError is train.nonfinite=stop
+    return (ConfigError, CheckpointError, RunDirError, NonFiniteLossError, OSError, ValueError, ImportError)
+
+
+def _one_line(error: BaseException) -> str:
+    """The message on one line (multi-line messages, e.g. 'Searched: ...' lists, are joined).
+
+    An error re-raised from a DataLoader worker carries the worker's traceback: keep its last line.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        name, sep, rest = lines[-1].partition(": ")
+        lines = [rest if sep and all(part.isidentifier() for part in name.split(".")) else lines[-1]]
+    return " ".join(lines) or type(error).__name__
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,13 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default: OUTPUT/NAME from the config)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     train.add_argument("--force", action="store_true", help="move an existing run directory aside instead of refusing")
-    train.add_argument("--debug", action="store_true", help="show tracebacks")
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     ev = sub.add_parser("eval", help="evaluate every network of a checkpoint")
     ev.add_argument("checkpoint")
     ev.add_argument("--split", choices=["test", "val"], default="test")
     ev.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.root=...)")
-    ev.add_argument("--debug", action="store_true", help="show tracebacks")
+    ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     sub.add_parser("models", help="list the registered models")
 
@@ -50,18 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--methods", default="independent,dml,cd", help="comma-separated; a name may carry overrides: cd:perturb.every=10")
     sweep.add_argument("--seeds", default="0,1,2")
     sweep.add_argument("--out", help="experiment directory (default: OUTPUT/NAME-sweep)")
-    sweep.add_argument("--debug", action="store_true", help="show tracebacks")
+    sweep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     report = sub.add_parser("report", help="tables of mean +- std over seeds from experiment directories")
     report.add_argument("dirs", nargs="+")
     report.add_argument("--out", help="where to write report.md and report.csv (default: the first directory)")
     report.add_argument("--best-on-test", action="store_true", help="also report the best test accuracy (selected on test; labelled so)")
-    report.add_argument("--debug", action="store_true", help="show tracebacks")
+    report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     plot = sub.add_parser("plot", help="PNG plots of a run or an experiment directory")
     plot.add_argument("path")
     plot.add_argument("--out", help="folder for the PNGs (default: PATH/plots)")
-    plot.add_argument("--debug", action="store_true", help="show tracebacks")
+    plot.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
@@ -166,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as error:
         if args.debug:
             raise
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"kdarena: error: {message}", file=sys.stderr)
+        print(f"kdarena: error: {_one_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -471,17 +471,20 @@ class Trainer:
                         teacher = record["teacher"]
                         progress.set_postfix(loss=f"{sum(record['losses']) / self.n:.3f}", teacher=teacher if teacher >= 0 else "-", refresh=False)
                         progress.update(1)
-                    if self._checkpoint_now():
+                    saved = self._checkpoint_now()  # (saving twice at one step would make last.prev.pt = last.pt)
+                    if saved:
                         self.save()
                     if cfg.train.stop_after_steps is not None and self.global_step >= cfg.train.stop_after_steps:
-                        self.save()
+                        if not saved:
+                            self.save()
                         return {"stopped_at_step": self.global_step}
                     stop = self._stop_signal
                     if self.info.enabled:
                         flag = torch.tensor([float(stop or 0)], device=self.device)
                         stop = int(dist_utils.all_reduce_max(flag).item()) or None
                     if stop:
-                        self.save()
+                        if not saved:
+                            self.save()
                         raise Interrupted(f"stopped by signal {stop} at step {self.global_step}; resume with --resume {self.run_dir}")
                     t_step = time.perf_counter()
                 if progress is not None:
