@@ -17,8 +17,16 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line meant for the user."""
 
 
+class _KeyValueError(ValueError):
+    """A cross-field check that failed on one key (so the message can name the key and its value)."""
+
+    def __init__(self, key: str, value: Any, message: str):
+        super().__init__(message)
+        self.key, self.value = key, value
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -85,16 +93,18 @@ class OptimConfig(_Section):
 
 
 class TrainConfig(_Section):
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$", description="auto, cpu, cuda, cuda:N")
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     channels_last: bool = True
     compile: bool = False
+    fused: bool = Field(False, description="run identical networks as one vmapped forward (torch.func; single process, same model for every entry)")
     deterministic: bool = False
     threads: Optional[int] = Field(None, ge=1, description="CPU threads (default: torch's choice)")
     eval_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: off)")
     stop_after_steps: Optional[int] = Field(None, ge=1, description="checkpoint and stop at this global step (testing resume)")
+    step_log: bool = Field(False, description="write every step's teacher, losses and perturbation to steps.rank<r>.jsonl in the run dir (testing/debugging)")
     nonfinite: Literal["skip", "rebirth", "stop"] = "skip"
     sync_batchnorm: bool = False
     progress: bool = True
@@ -116,13 +126,15 @@ class Config(_Section):
     def _cross_checks(self) -> "Config":
         n = len(self.models)
         if self.method.name in ("dml", "cd") and n < 2:
-            raise ValueError(f"method {self.method.name} needs at least 2 networks in models, got {n}")
+            raise _KeyValueError("models", self.models, f"method {self.method.name} needs at least 2 networks, got {n}; "
+                                 "list two or more models or use method.name=independent")
         if self.method.name == "kd" and not self.method.teacher_model:
-            raise ValueError("method kd needs method.teacher_model (and usually method.teacher_checkpoint)")
+            raise _KeyValueError("method.teacher_model", None, "method kd needs method.teacher_model (and usually method.teacher_checkpoint)")
         if self.method.feature_layers is not None and len(self.method.feature_layers) != n:
-            raise ValueError(f"method.feature_layers has {len(self.method.feature_layers)} entries for {n} models")
+            raise _KeyValueError("method.feature_layers", self.method.feature_layers,
+                                 f"{len(self.method.feature_layers)} entries for {n} models; give one per model (null: its default)")
         if isinstance(self.data.val_size, float) and not 0 < self.data.val_size < 1:
-            raise ValueError("data.val_size as a fraction must be in (0, 1); use an integer for a count")
+            raise _KeyValueError("data.val_size", self.data.val_size, "a fraction must be in (0, 1); use an integer for a count")
         return self
 
 
@@ -142,21 +154,83 @@ def _section_at(loc: tuple) -> type[BaseModel]:
     return model
 
 
-def _format_error(error: ValidationError) -> str:
-    first = error.errors()[0]
-    loc = tuple(str(p) for p in first["loc"])
-    key = ".".join(loc) or "config"
-    if first["type"] == "extra_forbidden":
-        section = _section_at(loc[:-1])
-        where = ".".join(loc[:-1]) or "the top level"
-        return f"unknown key '{key}'; valid keys in {where}: {', '.join(_valid_keys(section))}"
-    value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    message = first["msg"]
+def _field_loc(loc: tuple) -> tuple:
+    """``loc`` without pydantic's union-member tags: ('perturb', 'ops', "literal[...]") -> ('perturb', 'ops')."""
+    model: type[BaseModel] = Config
+    out: list[str] = []
+    for i, part in enumerate(loc):
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        out.append(part)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+            continue
+        rest = loc[i + 1:]
+        if rest and all(p.isdigit() for p in rest):  # an item of a list or tuple
+            out.extend(rest)
+        break
+    return tuple(out) if out else loc
+
+
+def _message(entry: dict) -> str:
+    message = entry["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
-    more = f" (and {len(error.errors()) - 1} more problem(s))" if len(error.errors()) > 1 else ""
-    return f"bad value for '{key}'{shown}: {message}{more}"
+    return " ".join(message.split())  # one line
+
+
+def _format_error(error: ValidationError) -> str:
+    errors = error.errors()
+    first = errors[0]
+    raw_loc = tuple(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        key = ".".join(raw_loc)
+        section = _section_at(raw_loc[:-1])
+        where = ".".join(raw_loc[:-1]) or "the top level"
+        shown_key = key if key.isprintable() else repr(key)[1:-1]
+        return f"unknown key '{shown_key}'; valid keys in {where}: {', '.join(_valid_keys(section))}"
+    loc = _field_loc(raw_loc)
+    key = ".".join(loc) or "config"
+    value = first.get("input")
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, _KeyValueError):
+        key, value = cause.key, cause.value
+    shown = "" if isinstance(value, dict) else f" (got {_short_repr(value)})"
+    # a union field (e.g. perturb.ops, data.val_size) fails once per member: report them together
+    same = [e for e in errors if _field_loc(tuple(str(p) for p in e["loc"])) == loc]
+    messages: list[str] = []
+    for entry in same:
+        if _message(entry) not in messages:
+            messages.append(_message(entry))
+    message = "; or ".join(messages)
+    if first["type"] == "string_pattern_mismatch" and loc == ("train", "device"):
+        message = "must be auto, cpu, cuda, cuda:N, mps or xpu"
+    hint = _default_hint(loc) if not isinstance(cause, _KeyValueError) else ""
+    others = len(errors) - len(same)
+    more = f" (and {others} more problem(s))" if others > 0 else ""
+    return f"bad value for '{key}'{shown}: {message}{hint}{more}"
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _default_hint(loc: tuple) -> str:
+    """``; default: X`` for a plain field (the fix: set a valid value such as the default)."""
+    if not loc:
+        return ""
+    field = _section_at(loc[:-1]).model_fields.get(loc[-1])
+    if field is None or field.default_factory is not None:
+        return ""
+    default = field.default
+    if isinstance(default, bool):
+        return f"; e.g. the default {'.'.join(loc)}={str(default).lower()}"
+    if isinstance(default, (int, float, str)):
+        return f"; e.g. the default {'.'.join(loc)}={default}"
+    return ""
 
 
 def validate(raw: dict[str, Any]) -> Config:
@@ -200,14 +274,21 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file (see configs/ for examples)")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {str(path)!r} cannot be read as UTF-8 text: {error}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
     return raw

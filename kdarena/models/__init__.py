@@ -10,5 +10,6 @@ from __future__ import annotations
 
 from .registry import available, create, feature_layer, register
 from . import convnet, mobilenetv2, resnet_cifar, shufflenetv2, vgg, wrn  # noqa: F401  (register models)
+from . import mlp  # noqa: F401  (BatchNorm-free MLP for tests)
 
 __all__ = ["available", "create", "feature_layer", "register"]
