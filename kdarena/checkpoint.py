@@ -29,6 +29,8 @@ def previous_path(path: Path) -> Path:
 def save_atomic(state: dict[str, Any], path: str | Path, keep_previous: bool = True) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(path.name + ".*.tmp"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -36,12 +38,30 @@ def save_atomic(state: dict[str, Any], path: str | Path, keep_previous: bool = T
             handle.flush()
             os.fsync(handle.fileno())
         if keep_previous and path.exists():
-            os.replace(path, previous_path(path))
+            _keep_previous(path)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _keep_previous(path: Path) -> None:
+    """Make ``<name>.prev.pt`` the current ``path`` while ``path`` itself stays in place.
+
+    A hard link keeps ``path`` present at every moment (a kill between two renames would
+    otherwise leave only the .prev file); file systems without hard links fall back to a rename.
+    """
+    previous = previous_path(path)
+    link = previous.with_name(previous.name + ".link.tmp")
+    try:
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        os.replace(link, previous)
+        link.unlink(missing_ok=True)  # left if previous was already this file (rename is then a no-op)
+    except OSError:
+        link.unlink(missing_ok=True)
+        os.replace(path, previous)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -65,7 +85,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # truncated zip, wrong format, unpickling failure
-        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable (truncated or corrupt?): {type(error).__name__}: {error}") from None
+        detail = (str(error).splitlines() or [""])[0]
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable (truncated or corrupt?): {type(error).__name__}: {detail}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "group" not in state:
         raise CheckpointError(f"{str(path)!r} is not a kdarena checkpoint (format {FORMAT})")
     return state

@@ -15,11 +15,15 @@ class RunDirError(RuntimeError):
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: leave the old file, and no temporary one
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def prepare(run_dir: Path, resume: bool, force: bool) -> None:
@@ -49,7 +53,9 @@ class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool, resume_epoch: int | None = None):
         self.path = run_dir / "metrics.jsonl"
         if resume_epoch is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < resume_epoch]
+            # a line cut short by a kill mid-append parses as None and is dropped with the re-run epochs
+            kept = [line for line in self.path.read_text().splitlines()
+                    if (_parse(line) or {}).get("epoch", resume_epoch) < resume_epoch]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self.writer = None
         if tensorboard:
@@ -81,7 +87,18 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for record in map(_parse, path.read_text().splitlines()) if record is not None]
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    """One metrics record, or None for a blank or truncated line."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
