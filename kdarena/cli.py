@@ -171,7 +171,14 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "models": _cmd_models, "swee
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come after options (`train CONFIG --out DIR optim.lr=0.1`), which
+    # argparse leaves unparsed: collect them into the overrides list.
+    args, extra = parser.parse_known_args(argv)
+    stray = [token for token in extra if "=" not in token or token.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides or []) + extra
     if not args.command:
         parser.print_help()
         return 0

@@ -326,3 +326,11 @@ def test_teacher_selection_variants(tmp_path, selection):
         assert state["method"]["ema"] is not None and state["method"]["ema"].shape == (2,)
     else:
         assert state["method"]["ema"] is None
+
+
+def test_overrides_after_options_are_still_overrides(tmp_path, capsys):
+    from kdarena.cli import main
+
+    code = main(["train", "configs/quickstart.yaml", "--out", str(tmp_path / "run"), "optim.lrr=0.1"])
+    assert code == 2
+    assert "unknown key 'optim.lrr'" in capsys.readouterr().err
