@@ -97,7 +97,7 @@ class TrainConfig(_Section):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     channels_last: bool = True
     compile: bool = False
-    fused: bool = Field(False, description="run identical networks as one vmapped forward (torch.func; single process, same model for every entry)")
+    fused: bool = Field(False, description="run identical networks as one vmapped forward (torch.func): fewer, larger GPU kernels; single process, same model for every entry; slower on CPU")
     deterministic: bool = False
     threads: Optional[int] = Field(None, ge=1, description="CPU threads (default: torch's choice)")
     eval_every: int = Field(1, ge=1)
