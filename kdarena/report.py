@@ -1,0 +1,341 @@
+"""Tables of mean +- std over seeds from finished runs (``kdarena report DIR [DIR ...]``).
+
+Every folder with a ``summary.json`` under the given directories is a run; runs are grouped
+by method label, the run directory's name without its ``-seedN`` suffix. If two runs would
+share a label and a seed (e.g. two experiments passed at once), each experiment directory
+gets its own section instead, so runs of different experiments are never averaged together.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+log = logging.getLogger("kdarena")
+
+_SEED_SUFFIX = re.compile(r"-seed(\d+)$")
+_SKIP_DIRS = {"checkpoints", "tensorboard", "plots"}
+_ORDER = ["independent", "dml", "cd", "cd-noperturb", "cd-code"]
+#: Keys that may differ between the runs of one experiment (the method and bookkeeping).
+_METHOD_KEYS = ("seed", "name", "output", "method.", "perturb.", "train.progress", "train.tensorboard", "train.threads",
+                "train.device", "train.stop_after_steps", "train.checkpoint_every", "data.root", "data.download",
+                "data.num_workers", "data.eval_batch_size", "train.compile", "train.fused", "train.channels_last",
+                "train.checkpoint_every_steps")
+
+LEGEND = ("Test top-1 (%), mean ± sample std over seeds ('-' for one seed): 'last epoch' = after the final epoch; "
+          "'@ best val' = at the epoch where that network's validation top-1 peaked (selected on the held-out "
+          "validation split, never on test); Δ = difference of means vs independent; ensemble = mean of the networks' softmax.")
+
+
+@dataclass
+class Run:
+    path: Path
+    experiment: Path
+    label: str
+    seed: int
+    summary: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.summary.get("config") or {}
+
+    @property
+    def is_cd(self) -> bool:
+        return (self.config.get("method") or {}).get("name") == "cd"
+
+
+# ----------------------------------------------------------------------------- statistics
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def sample_std(values: Sequence[float]) -> float:
+    """Standard deviation with ddof=1 (NaN for fewer than two values)."""
+    if len(values) < 2:
+        return math.nan
+    m = mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def pooled_std(a: Sequence[float], b: Sequence[float]) -> float:
+    dof = len(a) + len(b) - 2
+    if len(a) < 2 or len(b) < 2 or dof <= 0:
+        return math.nan
+    return math.sqrt(((len(a) - 1) * sample_std(a) ** 2 + (len(b) - 1) * sample_std(b) ** 2) / dof)
+
+
+def _f(value: float | None, digits: int = 2, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _pm(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    return f"{mean(values):.2f} ± {_f(sample_std(values))}"
+
+
+def _csv_num(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------- discovery
+def find_runs(dirs: Iterable[str | Path]) -> list[Run]:
+    runs: list[Run] = []
+    seen: set[Path] = set()
+    for d in dirs:
+        root = Path(d)
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist")
+        for current, subdirs, files in os.walk(root):
+            subdirs[:] = sorted(s for s in subdirs if s not in _SKIP_DIRS and ".old-" not in s)
+            here = Path(current)
+            if "summary.json" not in files or here.resolve() in seen:
+                continue
+            seen.add(here.resolve())
+            try:
+                summary = json.loads((here / "summary.json").read_text())
+            except (OSError, ValueError) as error:
+                log.warning("skipping %s: unreadable summary.json (%s)", here, error)
+                continue
+            if not summary.get("networks"):
+                log.warning("skipping %s: its summary holds no evaluation", here)
+                continue
+            match = _SEED_SUFFIX.search(here.name)
+            label = _SEED_SUFFIX.sub("", here.name) if match else here.name
+            seed = int(match.group(1)) if match else int((summary.get("config") or {}).get("seed", 0))
+            runs.append(Run(here, here.parent, label, seed, summary))
+    return runs
+
+
+def _sections(runs: list[Run]) -> list[tuple[str | None, dict[str, list[Run]]]]:
+    keys = [(r.label, r.seed) for r in runs]
+    split = len(set(keys)) != len(keys)
+    buckets: dict[Path | None, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        buckets[run.experiment if split else None][run.label].append(run)
+    out = []
+    for exp, groups in buckets.items():
+        ordered = {label: sorted(groups[label], key=lambda r: r.seed) for label in _ordered_labels(groups)}
+        out.append((None if exp is None else str(exp), ordered))
+    return out
+
+
+def _ordered_labels(labels: Iterable[str]) -> list[str]:
+    labels = list(labels)
+    return [l for l in _ORDER if l in labels] + sorted(l for l in labels if l not in _ORDER)
+
+
+# ----------------------------------------------------------------------------- per-group numbers
+def _values(runs: list[Run], index: int | None, key: str) -> list[float]:
+    """``index`` None = the ensemble."""
+    out = []
+    for run in runs:
+        nets = run.summary["networks"]
+        entry = run.summary.get("ensemble") if index is None else (nets[index] if index < len(nets) else None)
+        if entry is not None and entry.get(key) is not None:
+            out.append(float(entry[key]))
+    return out
+
+
+def _network_rows(runs: list[Run]) -> list[tuple[str, int | None]]:
+    n = max(len(r.summary["networks"]) for r in runs)
+    models = runs[0].config.get("models") or []
+    rows = [(f"net{i}" + (f" ({models[i]})" if i < len(models) else ""), i) for i in range(n)]
+    if n > 1:
+        rows.append(("ensemble", None))
+    return rows
+
+
+def _settings(run: Run) -> str:
+    c = run.config
+    m, p = c.get("method") or {}, c.get("perturb") or {}
+    name = m.get("name", "?")
+    parts = [name]
+    if name == "cd":
+        parts.append(f"rule {m.get('rule', 'best')}")
+        if m.get("selection", "own-batch") != "own-batch":
+            parts.append(f"selection {m.get('selection')}")
+    if name in ("cd", "dml", "kd") and m.get("beta"):
+        parts.append(f"β {m.get('beta')}")
+    if p.get("enabled") and name == "cd":
+        ops = p.get("ops")
+        ops = "+".join(ops) if isinstance(ops, list) else ops
+        when = f"p={p['probability']}" if p.get("probability") is not None else f"every {p.get('every', 1)}"
+        parts.append(f"perturb {ops} {when}")
+    elif name == "cd":
+        parts.append("no perturbation")
+    if (p.get("parameters") or {}).get("enabled"):
+        parts.append("weight mutation")
+    return ", ".join(parts)
+
+
+def _setup_line(runs: list[Run]) -> str:
+    c = runs[0].config
+    d, o = c.get("data") or {}, c.get("optim") or {}
+    data = d.get("name", "?")
+    extra = [f"val {d.get('val_size')}" if d.get("val_size") else "no val split: '@ best val' selects on test"]
+    if d.get("train_subset"):
+        extra.append(f"train subset {d['train_subset']}")
+    models = " + ".join(c.get("models") or [])
+    epochs = o.get("epochs")
+    warmup = f" after {o['warmup_epochs']} warm-up epochs" if o.get("warmup_epochs") else ""
+    return (f"setup: {data} ({', '.join(extra)}); models {models}; {epochs} epoch{'s' if epochs != 1 else ''}, "
+            f"batch {d.get('batch_size')}, {o.get('name')} lr {o.get('lr')}{warmup}, {o.get('schedule')} schedule")
+
+
+def _differences(runs: list[Run]) -> list[str]:
+    from .sweep import _flatten
+
+    flat = [_flatten(r.config) for r in runs]
+    keys = sorted(set().union(*flat))
+    out = []
+    for key in keys:
+        if key.startswith(_METHOD_KEYS) or key in _METHOD_KEYS:
+            continue
+        values = {json.dumps(f.get(key), sort_keys=True) for f in flat}
+        if len(values) > 1:
+            out.append(f"{key} ({', '.join(sorted(values))})")
+    return out
+
+
+# ----------------------------------------------------------------------------- rendering
+def _table(header: list[str], rows: list[list[str]], align_right_from: int = 1) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+             "|" + "|".join(("-" * (w + 1) + ":") if i >= align_right_from else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join((c.rjust(w) if i >= align_right_from else c.ljust(w)) for i, (c, w) in enumerate(zip(row, widths))) + " |")
+    return lines
+
+
+def _comparison(groups: dict[str, list[Run]], a: str, b: str) -> str | None:
+    if a not in groups or b not in groups:
+        return None
+    primary = "test_at_best_val_top1"
+    if not _values(groups[a], 0, primary) or not _values(groups[b], 0, primary):
+        primary = "last_test_top1"
+    parts = []
+    for name, index in _network_rows(groups[a]):
+        x, y = _values(groups[a], index, primary), _values(groups[b], index, primary)
+        if not x or not y:
+            continue
+        diff, pooled = mean(x) - mean(y), pooled_std(x, y)
+        ratio = f" = {diff / pooled:+.1f} × pooled std {pooled:.2f}" if pooled == pooled and pooled > 0 else f" (pooled std {_f(pooled)})"
+        parts.append(f"{name.split(' ')[0]} {diff:+.2f}{ratio}")
+    what = "@ best val" if primary == "test_at_best_val_top1" else "last epoch"
+    seeds = f"{len(groups[a])} vs {len(groups[b])} seeds"
+    return f"**{a.upper() if a == 'cd' else a} vs {b.upper() if b == 'dml' else b}** (difference of mean test top-1 {what}, {seeds}): " + "; ".join(parts)
+
+
+def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None = None, best_on_test: bool = False) -> str:
+    """Write ``report.md`` and ``report.csv`` into ``out`` (default: the first dir); return the Markdown."""
+    if isinstance(dirs, (str, Path)):
+        dirs = [dirs]
+    dirs = list(dirs)
+    if not dirs:
+        raise ValueError("give at least one experiment or run directory")
+    runs = find_runs(dirs)
+    if not runs:
+        raise FileNotFoundError(f"no finished run (a folder with summary.json) under {', '.join(map(str, dirs))}")
+    md: list[str] = [LEGEND, ""]
+    csv_rows: list[dict[str, Any]] = []
+    sections = _sections(runs)
+    for title, groups in sections:
+        if title is not None:
+            md += [f"## {title}", ""]
+        all_runs = [r for g in groups.values() for r in g]
+        md.append(_setup_line(all_runs))
+        diffs = _differences(all_runs)
+        if diffs:
+            md.append(f"warning: these runs differ beyond the method, so they are not strictly comparable: {'; '.join(diffs)}")
+        md.append("")
+        base = groups.get("independent")
+        header = ["method", "network", "seeds", "last epoch", "Δ last", "@ best val", "Δ @ best val"]
+        if best_on_test:
+            header.append("best test (selected on test)")
+        rows = []
+        for label, group in groups.items():
+            for name, index in _network_rows(group):
+                last = _values(group, index, "last_test_top1")
+                at_val = _values(group, index, "test_at_best_val_top1")
+                gain_last = gain_val = None
+                if base is not None and label != "independent":
+                    b_last, b_val = _values(base, index, "last_test_top1"), _values(base, index, "test_at_best_val_top1")
+                    gain_last = mean(last) - mean(b_last) if last and b_last else None
+                    gain_val = mean(at_val) - mean(b_val) if at_val and b_val else None
+                row = [label, name, str(len(group)), _pm(last), _f(gain_last, signed=True), _pm(at_val), _f(gain_val, signed=True)]
+                best_test = _values(group, index, "best_test_top1_selected_on_test")
+                if best_on_test:
+                    row.append(_pm(best_test))
+                rows.append(row)
+                won = sum(int(r.summary.get("perturbed_won", 0)) for r in group)
+                steps = sum(int(r.summary.get("perturbed_steps", 0)) for r in group)
+                share = _values(group, index, "teacher_share") if index is not None and group[0].is_cd else []
+                record = {
+                    "experiment": title or "", "method": label, "settings": _settings(group[0]),
+                    "network": name.split(" ")[0], "model": name.split(" ")[1].strip("()") if " " in name else "", "seeds": len(group),
+                    "last_top1_mean": _csv_num(mean(last)), "last_top1_std": _csv_num(sample_std(last)), "gain_last": _csv_num(gain_last),
+                    "best_val_top1_mean": _csv_num(mean(at_val)) if at_val else "", "best_val_top1_std": _csv_num(sample_std(at_val)),
+                    "gain_best_val": _csv_num(gain_val),
+                }
+                if best_on_test:
+                    record["best_test_selected_on_test_mean"] = _csv_num(mean(best_test))
+                    record["best_test_selected_on_test_std"] = _csv_num(sample_std(best_test))
+                record.update({
+                    "teacher_share": _csv_num(mean(share)) if share else "",
+                    "perturbed_won": won if group[0].is_cd else "", "perturbed_steps": steps if group[0].is_cd else "",
+                    "perturbed_win_rate": _csv_num(won / steps) if group[0].is_cd and steps else "",
+                    "wall_seconds": _csv_num(mean([float(r.summary.get("wall_seconds", 0.0)) for r in group]), 1),
+                    "images_per_s": _csv_num(mean([float(r.summary.get("images_per_s", 0.0)) for r in group]), 1),
+                })
+                csv_rows.append(record)
+        md += _table(header, rows, align_right_from=2)
+        md.append("")
+
+        header2 = ["method", "settings", "seeds", "teacher share (per network)", "perturbed net won", "wall time (s)", "images/s"]
+        rows2 = []
+        n_nets = 2
+        for label, group in groups.items():
+            nets = [i for _, i in _network_rows(group) if i is not None]
+            n_nets = len(nets)
+            if group[0].is_cd:
+                share = " / ".join(_f(mean(_values(group, i, "teacher_share"))) for i in nets)
+                won = sum(int(r.summary.get("perturbed_won", 0)) for r in group)
+                steps = sum(int(r.summary.get("perturbed_steps", 0)) for r in group)
+                rate = f"{100.0 * won / steps:.1f}% ({won}/{steps})" if steps else "-"
+            else:
+                share, rate = "-", "-"
+            wall = mean([float(r.summary.get("wall_seconds", 0.0)) for r in group])
+            speed = mean([float(r.summary.get("images_per_s", 0.0)) for r in group])
+            rows2.append([label, _settings(group[0]), str(len(group)), share, rate, f"{wall:.1f}", f"{speed:.0f}"])
+        md += _table(header2, rows2, align_right_from=2)
+        md += ["", f"Teacher share = fraction of training steps a network was the teacher (CD only). Perturbed net won = "
+                   f"fraction of perturbed steps where the network given the perturbed batch became the teacher "
+                   f"(chance ≈ 1/{n_nets} = {100.0 / max(n_nets, 1):.0f}%). Wall time = training time summed over epochs (evaluation excluded), mean over seeds; images/s = training images per second (median epoch), mean over seeds.", ""]
+        line = _comparison(groups, "cd", "dml")
+        md.append(line if line else "**CD vs DML**: not available (needs runs labelled cd and dml).")
+        md.append("")
+    text = "\n".join(md).rstrip() + "\n"
+
+    target = Path(out) if out else Path(dirs[0])
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "report.md").write_text(text)
+    buffer = io.StringIO()
+    fields = list(csv_rows[0].keys()) if csv_rows else []
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(csv_rows)
+    (target / "report.csv").write_text(buffer.getvalue())
+    return text

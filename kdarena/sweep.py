@@ -1,0 +1,316 @@
+"""Run methods x seeds with everything else identical into one experiment directory.
+
+``kdarena sweep CONFIG [key=value ...] --methods independent,dml,cd --seeds 0,1,2 --out DIR``
+
+* One run directory per method and seed, ``DIR/<label>-seed<S>`` (e.g. ``cd-seed0``).
+* A method is a registered short name (:data:`PRESETS`) or ``label:key=value;key=value``
+  (a registered name with extra overrides, or a new label with its own overrides, e.g.
+  ``cd-clean:method.name=cd;method.selection=clean``).
+* Order of overrides: the config file, then the command-line overrides, then the method's
+  preset and extras, then ``seed``. So a method always means the same thing.
+* Finished runs (``summary.json``) are skipped, unfinished ones (``checkpoints/last.pt``)
+  resumed, the rest started. A run made with a different config is never silently reused.
+* ``DIR/sweep.json`` lists every run with its status; it is rewritten after every run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import config as cfg
+from .runlog import write_json
+
+log = logging.getLogger("kdarena")
+
+#: Registered method names and the overrides that define them.
+PRESETS: dict[str, list[str]] = {
+    "independent": ["method.name=independent", "perturb.enabled=false"],
+    "dml": ["method.name=dml", "perturb.enabled=false"],
+    "cd": ["method.name=cd"],  # with the config's perturbation settings
+    "cd-noperturb": ["method.name=cd", "perturb.enabled=false"],
+    # the authors' released code: distil from every better peer, their op pool, every 10th batch
+    "cd-code": ["method.name=cd", "method.rule=better", "perturb.enabled=true", "perturb.ops=code", "perturb.every=10"],
+}
+
+#: Settings that may differ between a stored run and the sweep without making it another experiment.
+_IGNORED_KEYS = {
+    "name", "output",
+    "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
+    "train.device", "train.progress", "train.tensorboard", "train.threads", "train.stop_after_steps",
+    "train.checkpoint_every", "train.checkpoint_every_steps", "train.compile", "train.fused", "train.channels_last",
+}
+
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_SEED_SUFFIX = re.compile(r"-seed\d+$")
+
+
+class SweepError(ValueError):
+    """A sweep cannot run as asked, or some of its runs failed; the message says which."""
+
+
+@dataclass
+class MethodSpec:
+    label: str
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunPlan:
+    label: str
+    seed: int
+    run_dir: Path
+    config: cfg.Config
+    status: str = "pending"
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}-seed{self.seed}"
+
+    def record(self) -> dict[str, Any]:
+        out = {"label": self.label, "seed": self.seed, "run_dir": str(self.run_dir), "status": self.status,
+               "seconds": round(self.seconds, 2)}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+# ----------------------------------------------------------------------------- parsing
+def _split_top_level(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside brackets, so ``cd-x:models=[a,b]`` stays one item."""
+    parts, depth, current = [], 0, []
+    for char in text:
+        if char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth = max(depth - 1, 0)
+        if char == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_method(text: str) -> MethodSpec:
+    """``cd`` -> preset; ``label:key=value;key=value`` -> preset (if registered) + overrides."""
+    label, _, rest = text.partition(":")
+    label = label.strip()
+    if not _LABEL.match(label) or _SEED_SUFFIX.search(label):
+        raise SweepError(f"method label {label!r} must be letters, digits, '-', '_', '.', '+' and must not end in -seedN")
+    extras = _split_top_level(rest, ";") if rest else []
+    for item in extras:
+        cfg.parse_override(item)  # raises ConfigError on a malformed item
+    if label not in PRESETS and not extras:
+        raise SweepError(
+            f"unknown method {label!r}; registered: {', '.join(PRESETS)}; "
+            f"or define one as LABEL:key=value;key=value (e.g. cd-clean:method.name=cd;method.selection=clean)"
+        )
+    return MethodSpec(label, list(PRESETS.get(label, [])) + extras)
+
+
+def parse_methods(methods: str | Sequence[str]) -> list[MethodSpec]:
+    items = _split_top_level(methods, ",") if isinstance(methods, str) else [str(m) for m in methods]
+    if not items:
+        raise SweepError("no method given; e.g. --methods independent,dml,cd")
+    specs = [parse_method(item) for item in items]
+    labels = [s.label for s in specs]
+    dupes = sorted({l for l in labels if labels.count(l) > 1})
+    if dupes:
+        raise SweepError(f"method label(s) {dupes} given twice; give variants their own label, e.g. cd-every10:perturb.every=10")
+    return specs
+
+
+def parse_seeds(seeds: str | int | Sequence[int]) -> list[int]:
+    if isinstance(seeds, int):
+        return [seeds]
+    items = [s.strip() for s in seeds.split(",") if s.strip()] if isinstance(seeds, str) else list(seeds)
+    try:
+        values = [int(s) for s in items]
+    except (TypeError, ValueError):
+        raise SweepError(f"seeds must be integers, e.g. --seeds 0,1,2 (got {seeds!r})") from None
+    if not values:
+        raise SweepError("no seed given; e.g. --seeds 0,1,2")
+    if len(set(values)) != len(values):
+        raise SweepError(f"seed given twice in {values}")
+    return values
+
+
+# ----------------------------------------------------------------------------- config comparison
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def config_difference(saved: dict[str, Any], planned: dict[str, Any]) -> str | None:
+    """First setting (other than paths, logging and speed knobs) that differs, as one phrase."""
+    a, b = _flatten(saved), _flatten(planned)
+    for key in sorted(set(a) | set(b)):
+        if key in _IGNORED_KEYS:
+            continue
+        if a.get(key) != b.get(key):
+            return f"{key} is {a.get(key)!r} there but {b.get(key)!r} in this sweep"
+    return None
+
+
+def _stored_config(run_dir: Path) -> dict[str, Any] | None:
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        try:
+            return json.loads(summary.read_text()).get("config")
+        except (OSError, ValueError):
+            return None
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        try:
+            return cfg.to_dict(cfg.load(path))
+        except cfg.ConfigError:
+            return None
+    return None
+
+
+# ----------------------------------------------------------------------------- the sweep
+def plan_sweep(config_path: str | Path | None, overrides: Sequence[str] | None, methods: str | Sequence[str],
+               seeds: str | Sequence[int], out: str | Path | None = None) -> tuple[Path, list[RunPlan]]:
+    """Validate every run's config up front (a typo fails before anything trains)."""
+    overrides = list(overrides or [])
+    base = cfg.load(config_path, overrides)
+    specs, seed_list = parse_methods(methods), parse_seeds(seeds)
+    exp_dir = Path(out) if out else Path(base.output) / f"{base.name}-sweep"
+    plans = []
+    for spec in specs:
+        for seed in seed_list:
+            name = f"{spec.label}-seed{seed}"
+            try:
+                config = cfg.load(config_path, overrides + spec.overrides + [f"seed={seed}", f"name='{name}'"])
+            except cfg.ConfigError as error:
+                raise cfg.ConfigError(f"method {spec.label}: {error}") from None
+            plans.append(RunPlan(spec.label, seed, exp_dir / name, config))
+    return exp_dir, plans
+
+
+def _write_index(exp_dir: Path, config_path, overrides, specs: list[MethodSpec], seeds: list[int], plans: list[RunPlan]) -> None:
+    """Write ``sweep.json``; runs and methods of earlier sweeps into the same directory are kept."""
+    path = exp_dir / "sweep.json"
+    old: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+    runs = {(p.label, p.seed): p.record() for p in plans}  # this sweep's runs first, then older ones
+    for r in old.get("runs", []):
+        if isinstance(r, dict):
+            runs.setdefault((r.get("label"), r.get("seed")), r)
+    methods = {s.label: {"label": s.label, "overrides": s.overrides} for s in specs}
+    for m in old.get("methods", []):
+        if isinstance(m, dict):
+            methods.setdefault(m.get("label"), m)
+    write_json(path, {
+        "config": None if config_path is None else str(config_path),
+        "overrides": list(overrides or []),
+        "methods": list(methods.values()),
+        "seeds": sorted(set(old.get("seeds", [])) | set(seeds)),
+        "runs": list(runs.values()),
+    })
+
+
+def _accuracies(summary: dict[str, Any]) -> str:
+    nets = summary.get("networks") or []
+    if not nets:
+        return ""
+    accs = " / ".join(f"{n['last_test_top1']:.2f}" for n in nets)
+    ens = summary.get("ensemble", {}).get("last_test_top1")
+    return f"; last test top-1 {accs}" + (f" (ensemble {ens:.2f})" if ens is not None and len(nets) > 1 else "")
+
+
+def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = None,
+              methods: str | Sequence[str] = "independent,dml,cd", seeds: str | Sequence[int] = "0,1,2",
+              out: str | Path | None = None) -> list[dict[str, Any]]:
+    """Run every method x seed into one experiment directory; returns the ``sweep.json`` run records."""
+    from .distributed import from_environment
+    from .trainer import Interrupted, train
+
+    exp_dir, plans = plan_sweep(config_path, overrides, methods, seeds, out)
+    specs, seed_list = parse_methods(methods), parse_seeds(seeds)
+    main = from_environment().is_main  # under torchrun every rank runs the sweep; rank 0 writes and prints
+
+    def index() -> None:
+        if main:
+            _write_index(exp_dir, config_path, overrides, specs, seed_list, plans)
+
+    def say(text: str) -> None:
+        if main:
+            print(text, flush=True)
+
+    # Refuse stale runs before training anything.
+    for plan in plans:
+        stored = _stored_config(plan.run_dir) if plan.run_dir.exists() else None
+        if stored is not None:
+            diff = config_difference(stored, cfg.to_dict(plan.config))
+            if diff:
+                raise SweepError(f"{plan.run_dir} was made with another config ({diff}); "
+                                 f"choose another --out or move that run away")
+    if main:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+    index()
+    total = len(plans)
+    for k, plan in enumerate(plans, 1):
+        head = f"[{k}/{total}] {plan.name}:"
+        summary_path = plan.run_dir / "summary.json"
+        if summary_path.is_file():
+            plan.status = "skipped"
+            try:
+                summary = json.loads(summary_path.read_text())
+            except ValueError:
+                summary = {}
+            say(f"{head} skipped (finished){_accuracies(summary)}")
+            index()
+            continue
+        resume = (plan.run_dir / "checkpoints" / "last.pt").is_file()
+        occupied = plan.run_dir.exists() and any(plan.run_dir.iterdir())
+        action = "resumed" if resume else ("restarted" if occupied else "trained")
+        if action == "restarted":
+            log.warning("%s holds an unfinished run without a checkpoint; it is moved aside and started afresh", plan.run_dir)
+        log.info("%s %s -> %s", head, "resuming" if resume else "starting", plan.run_dir)
+        start = time.perf_counter()
+        try:
+            summary = train(plan.config, run_dir=plan.run_dir, resume=resume, force=action == "restarted")
+        except Interrupted as stop:
+            plan.status, plan.seconds, plan.error = "interrupted", time.perf_counter() - start, str(stop)
+            index()
+            say(f"{head} interrupted; run the same sweep again to resume")
+            raise KeyboardInterrupt(str(stop)) from None
+        except KeyboardInterrupt:
+            plan.status, plan.seconds = "interrupted", time.perf_counter() - start
+            index()
+            raise
+        except Exception as error:  # one failed run must not cost the others
+            plan.status, plan.seconds = "failed", time.perf_counter() - start
+            plan.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            log.error("%s failed: %s", plan.name, plan.error, exc_info=log.isEnabledFor(logging.DEBUG))
+            say(f"{head} FAILED ({plan.error})")
+        else:
+            plan.seconds = time.perf_counter() - start
+            plan.status = action if summary.get("networks") else ("stopped" if "stopped_at_step" in summary else action)
+            say(f"{head} {plan.status} in {plan.seconds:.1f} s{_accuracies(summary)}")
+        index()
+    failed = [p for p in plans if p.status == "failed"]
+    say(f"sweep: {total - len(failed)}/{total} runs ok in {exp_dir}; tables: kdarena report {exp_dir}")
+    if failed:
+        raise SweepError(f"{len(failed)} of {total} runs failed: "
+                         + "; ".join(f"{p.name} ({p.error})" for p in failed) + f"; see {exp_dir / 'sweep.json'}")
+    return [p.record() for p in plans]
