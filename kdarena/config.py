@@ -73,6 +73,11 @@ class PerturbConfig(_Section):
     every: int = Field(1, ge=1, description="perturb every k-th step (paper: 1, authors' code: 10)")
     probability: Optional[float] = Field(None, ge=0, le=1, description="perturb with this probability instead of every k-th step")
     mix_alpha: float = Field(1.0, gt=0, description="Beta(a, a) for the mixing coefficient")
+    bn_stats: Literal["freeze", "update"] = Field(
+        "freeze",
+        description="freeze: a perturbed batch does not move the perturbed network's BatchNorm running statistics "
+        "(they describe the data it is tested on); update: it does, like ordinary augmentation. The paper is silent.",
+    )
     parameters: ParameterMutationConfig = ParameterMutationConfig()
 
 

@@ -43,6 +43,8 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
             raise ValueError("train.device is cuda but no CUDA device is available; use train.device=cpu")
         if info.enabled:
             device = torch.device("cuda", info.local_rank)
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
 

@@ -12,6 +12,7 @@ import math
 import signal
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,29 @@ from .runlog import MetricsLog, atomic_write_text, prepare, read_metrics, write_
 from .schedule import build_scheduler
 
 log = logging.getLogger("kdarena")
+
+
+@contextmanager
+def frozen_bn_stats(network: nn.Module | None):
+    """Let ``network``'s BatchNorm layers normalise with batch statistics without updating their running ones.
+
+    momentum 0 makes the running update a no-op (running = 1 * running + 0 * batch), so the forward and
+    backward are exactly those of training mode.
+    """
+    if network is None:
+        yield
+        return
+    layers = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(layers, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -283,7 +307,8 @@ class Trainer:
         clean_ce = None
         if is_cd and decision is not None and cfg.method.selection in ("clean", "smoothed"):
             clean_ce = self._clean_ce(x, y, decision.network)
-        with autocast_context(self.device, cfg.train.precision):
+        frozen = decision is not None and cfg.perturb.bn_stats == "freeze" and not cfg.train.fused
+        with autocast_context(self.device, cfg.train.precision), frozen_bn_stats(self.group.networks[decision.network] if frozen else None):
             out = self.model(inputs)
             teacher_logits = None
             if self.teacher_net is not None:
