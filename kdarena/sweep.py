@@ -191,8 +191,9 @@ def plan_sweep(config_path: str | Path | None, overrides: Sequence[str] | None, 
     specs, seed_list = parse_methods(methods), parse_seeds(seeds)
     exp_dir = Path(out) if out else Path(base.output) / f"{base.name}-sweep"
     plans = []
-    for spec in specs:
-        for seed in seed_list:
+    # Seed-major order: an interrupted sweep leaves every method with the same number of seeds.
+    for seed in seed_list:
+        for spec in specs:
             name = f"{spec.label}-seed{seed}"
             try:
                 config = cfg.load(config_path, overrides + spec.overrides + [f"seed={seed}", f"name='{name}'"])

@@ -49,7 +49,7 @@ def test_sweep_layout_and_status(experiment):
     assert status.pop("cd-seed0") == "resumed"
     assert set(status.values()) == {"trained"}
     index = json.loads((exp / "sweep.json").read_text())
-    assert [(r["label"], r["seed"]) for r in index["runs"]] == [(m, s) for m in METHODS.split(",") for s in (0, 1)]
+    assert [(r["label"], r["seed"]) for r in index["runs"]] == [(m, s) for s in (0, 1) for m in METHODS.split(",")]
     assert {r["status"] for r in index["runs"]} == {"skipped"}  # written by the second sweep
     # Methods differ only in their preset; seeds only in the seed.
     cfg = {p.parent.name: json.loads(p.read_text())["config"] for p in exp.glob("*/summary.json")}
