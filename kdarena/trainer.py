@@ -148,6 +148,9 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DDP(self.group, device_ids=ids)
+        if t.fused and self.device.type == "cuda" and t.precision == "fp32" and t.channels_last:
+            # Seen on an H200 with torch 2.11: "NYI: querying is_contiguous inside of vmap" in the fp32 conv path.
+            raise ConfigError("train.fused=true with precision fp32 on CUDA needs train.channels_last=false (vmap limitation)")
         if t.fused:  # one vmapped forward for identical networks; parameters stay shared with self.group
             from .fused import FusedGroup, FusedGroupError
 
