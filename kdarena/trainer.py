@@ -497,7 +497,10 @@ class Trainer:
                     self.stats.seconds += now - t_step
                     if progress is not None:
                         teacher = record["teacher"]
-                        progress.set_postfix(loss=f"{sum(record['losses']) / self.n:.3f}", teacher=teacher if teacher >= 0 else "-", refresh=False)
+                        seen = max(self.stats.sums["count"], 1.0)
+                        accuracy = 100.0 * sum(self.stats.sums[f"hits_{i}"] for i in range(self.n)) / (self.n * seen)
+                        progress.set_postfix(loss=f"{sum(record['losses']) / self.n:.3f}", acc=f"{accuracy:.1f}",
+                                             teacher=teacher if teacher >= 0 else "-", refresh=False)
                         progress.update(1)
                     saved = self._checkpoint_now()  # (saving twice at one step would make last.prev.pt = last.pt)
                     if saved:
