@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .imagefolder import IMAGENET_MEAN, IMAGENET_STD
-from .tensor_loader import _check_common, batch_spans, epoch_generator, normalisation
+from .tensor_loader import EpochLoader, _check_common, batch_spans, epoch_generator, normalisation
 
 
 class _EpochBatches(Sampler):
@@ -36,7 +36,7 @@ class _EpochBatches(Sampler):
         return len(self.batches)
 
 
-class FolderLoader:
+class FolderLoader(EpochLoader):
     """Iterates normalised ``(x, y)`` batches of an image Dataset on ``device``.
 
     ``dataset[i]`` must return ``(uint8 tensor (C, H, W), label)`` with the same (C, H, W) for all
@@ -120,27 +120,9 @@ class FolderLoader:
         )
 
     # ------------------------------------------------------------------ interface
-    def __len__(self) -> int:
-        return len(self._spans)
-
-    @property
-    def num_samples(self) -> int:
-        return sum(b - a for a, b in self._spans)
-
     @property
     def num_classes(self) -> int:
         return int(getattr(self.dataset, "num_classes"))
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.iterate(self.epoch, 0)
-
-    def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if start_batch < 0:
-            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-        return self._generate(int(epoch), int(start_batch))
 
     # ------------------------------------------------------------------ internals
     def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

@@ -89,7 +89,41 @@ def normalisation(
     return 1.0 / (255.0 * s), -m / s
 
 
-class TensorLoader:
+class EpochLoader:
+    """The iteration interface shared by :class:`TensorLoader` and ``FolderLoader``.
+
+    Subclasses set ``_spans`` (this rank's batch boundaries in the epoch order), ``epoch`` and
+    ``_generate(epoch, start_batch)``; the order is a pure function of (seed, epoch).
+    """
+
+    _spans: list[tuple[int, int]]
+    epoch: int
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch."""
+        return sum(b - a for a, b in self._spans)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iterate(self.epoch, 0)
+
+    def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches ``start_batch, start_batch+1, ...`` of ``epoch`` (exact mid-epoch resume)."""
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        return self._generate(int(epoch), int(start_batch))
+
+    def _generate(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class TensorLoader(EpochLoader):
     """Iterates ``(x, y)`` batches of an :class:`ArrayDataset` held on ``device``.
 
     ``x`` is normalised (dataset mean/std), ``dtype``, shape ``(b, C, H, W)``; ``y`` is int64.
@@ -147,29 +181,9 @@ class TensorLoader:
         self._plan_cache: tuple[int, tuple[torch.Tensor, ...]] | None = None
 
     # ------------------------------------------------------------------ interface
-    def __len__(self) -> int:
-        return len(self._spans)
-
-    @property
-    def num_samples(self) -> int:
-        """Samples this rank sees per epoch."""
-        return sum(b - a for a, b in self._spans)
-
     @property
     def num_classes(self) -> int:
         return self.dataset.num_classes
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.iterate(self.epoch, 0)
-
-    def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches ``start_batch, start_batch+1, ...`` of ``epoch`` (exact mid-epoch resume)."""
-        if start_batch < 0:
-            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-        return self._generate(int(epoch), int(start_batch))
 
     # ------------------------------------------------------------------ internals
     def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
