@@ -266,19 +266,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _clean_ce(self, x: Tensor, y: Tensor, network: int) -> Tensor:
-        """The perturbed network's CE on the clean batch (train mode, BN statistics left untouched).
-
-        Called before the group's forward: restoring the BN buffers in place after that forward
-        would modify tensors its backward still needs.
-        """
+        """The perturbed network's CE on the clean batch (train mode, BN running statistics untouched)."""
         net = self.group.networks[network]
-        buffers = {name: b.clone() for name, b in net.named_buffers()}  # keep BN statistics untouched
-        with torch.no_grad(), autocast_context(self.device, self.config.train.precision):
-            clean = cross_entropy(net(x), y).float()
-        with torch.no_grad():
-            for name, b in net.named_buffers():
-                b.copy_(buffers[name])
-        return clean
+        with torch.no_grad(), autocast_context(self.device, self.config.train.precision), frozen_bn_stats(net):
+            return cross_entropy(net(x), y).float()
 
     def _sample_generator(self) -> torch.Generator | None:
         """Generator for the perturbation op's per-sample randomness.

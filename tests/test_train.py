@@ -334,3 +334,20 @@ def test_overrides_after_options_are_still_overrides(tmp_path, capsys):
     code = main(["train", "configs/quickstart.yaml", "--out", str(tmp_path / "run"), "optim.lrr=0.1"])
     assert code == 2
     assert "unknown key 'optim.lrr'" in capsys.readouterr().err
+
+
+def test_frozen_bn_stats_normalises_with_batch_statistics_but_keeps_running_ones():
+    import torch
+    from torch import nn
+
+    from kdarena.trainer import frozen_bn_stats
+
+    torch.manual_seed(0)
+    frozen, reference = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+    x = torch.randn(8, 3, 4, 4) * 3 + 2
+    with frozen_bn_stats(frozen):
+        out = frozen(x)
+    assert torch.equal(out, reference(x))  # same training-mode forward
+    assert torch.equal(frozen.running_mean, torch.zeros(3)) and torch.equal(frozen.running_var, torch.ones(3))
+    assert int(frozen.num_batches_tracked) == 0 and frozen.momentum == 0.1
+    assert not torch.equal(reference.running_mean, torch.zeros(3))  # the test would see an update
