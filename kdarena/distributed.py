@@ -55,8 +55,12 @@ def init(info: DistInfo, device: torch.device) -> None:
         dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
 
 
-def shutdown() -> None:
+def shutdown(wait_for_peers: bool = False) -> None:
+    """Destroy the process group; with ``wait_for_peers`` first let every rank arrive, so no rank
+    tears its connections down while another still uses them (gloo then aborts the process)."""
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -6,6 +6,7 @@ iteration. Only rank 0 writes files or shows progress.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -615,7 +616,14 @@ def summarize(records: list[dict[str, Any]], n: int) -> dict[str, Any]:
 def train(config: Config, run_dir: str | Path | None = None, resume: bool = False, force: bool = False) -> dict[str, Any]:
     """Train a group as configured and return the summary (the Python API behind ``kdarena train``)."""
     trainer = Trainer(config, run_dir=run_dir, resume=resume, force=force)
+    finished = False
     try:
-        return trainer.fit()
+        summary = trainer.fit()
+        finished = True
+        return summary
     finally:
-        dist_utils.shutdown()
+        # Drop the DDP wrapper (and its reducer threads) before the process group goes away; wait for
+        # the other ranks only after a clean finish (after an error they may never arrive).
+        trainer.model = trainer.group
+        gc.collect()
+        dist_utils.shutdown(wait_for_peers=finished)
