@@ -32,7 +32,7 @@ quickstart: setup data
 	fi
 
 test: setup data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
