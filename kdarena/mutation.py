@@ -2,9 +2,10 @@
 
 Every ``every`` steps one network, chosen uniformly by a seeded generator (identical on all ranks),
 gets Gaussian noise on its weights scaled to each tensor's norm. The mutated network is then judged
-by the method's selection rule like any other: if it becomes the teacher the mutation has "won" and
-stays; with ``rollback_after = k > 0`` a mutation that has not won within k steps is undone (the
-network returns to its pre-mutation weights, losing those k steps of its own training).
+by the method's selection rule like any other. With ``rollback_after = 0`` the mutation "won" if the
+mutated network is the teacher on the step right after it, and it stays either way; with
+``rollback_after = k > 0`` it wins if the network becomes the teacher within k steps, and is undone
+otherwise (the network returns to its pre-mutation weights, losing those k steps of its own training).
 """
 from __future__ import annotations
 
@@ -35,10 +36,7 @@ class MutationTracker:
         index = int(torch.randint(self.num_networks, (1,), generator=self._choice))
         self.pending = None  # a new mutation ends the judgement of the previous one
         backup = self.mutation.mutate(networks[index])
-        if self.rollback_after > 0:
-            self.pending = {"network": index, "steps": 0, "backup": backup}
-        else:
-            self.pending = {"network": index, "steps": 0, "backup": None}
+        self.pending = {"network": index, "steps": 0, "backup": backup if self.rollback_after > 0 else None}
         self.count += 1
         return index
 
@@ -52,11 +50,11 @@ class MutationTracker:
             self.pending = None
             return
         self.pending["steps"] += 1
-        if self.rollback_after > 0 and self.pending["steps"] >= self.rollback_after:
+        if self.rollback_after == 0:  # judged on its first step only; it stays either way
+            self.pending = None
+        elif self.pending["steps"] >= self.rollback_after:
             self.mutation.restore(networks[index], self.pending["backup"])
             self.rolled_back += 1
-            self.pending = None
-        elif self.rollback_after == 0 and self.pending["steps"] >= self.every:
             self.pending = None
 
     def pop_counts(self) -> dict[str, int]:

@@ -64,3 +64,12 @@ def test_mutation_state_round_trip_continues_the_same_sequence():
     resumed.load_state_dict(state)
     assert tracker.before_step(1, networks) == resumed.before_step(1, copy_nets)
     assert all(torch.equal(a, b) for a, b in zip(networks.state_dict().values(), copy_nets.state_dict().values()))
+
+
+def test_without_rollback_a_mutation_is_judged_on_its_first_step_only():
+    networks = make_networks()
+    tracker = MutationTracker(3, scale=0.1, every=100, rollback_after=0, seed=2)
+    chosen = tracker.before_step(0, networks)
+    tracker.after_step((chosen + 1) % 3, networks)  # lost its first step
+    tracker.after_step(chosen, networks)  # a later win does not count for it
+    assert tracker.pop_counts() == {"mutations": 1, "mutations_won": 0, "mutations_rolled_back": 0}
