@@ -202,12 +202,22 @@ def _accuracy(Figure, groups, colors, out: Path) -> str | None:
     return _save(fig, out / "accuracy.png")
 
 
+def _panel_grid(Figure, count: int, width: float, height: float, max_cols: int = 3, **kwargs):
+    """A figure of ``count`` panels wrapped into rows of at most ``max_cols``; unused axes hidden."""
+    cols = min(count, max_cols)
+    rows = -(-count // cols)
+    fig = Figure(figsize=(width * cols, height * rows + 0.4), layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False, **kwargs).flat)
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:count]
+
+
 def _teacher_share(Figure, groups, out: Path) -> str | None:
     cd = {label: g for label, g in groups.items() if g[0].is_cd}
     if not cd:
         return None
-    fig = Figure(figsize=(4.6 * len(cd), 3.8), layout="constrained")
-    axes = fig.subplots(1, len(cd), squeeze=False, sharey=True)[0]
+    fig, axes = _panel_grid(Figure, len(cd), 4.6, 3.8, sharey=True)
     for ax, (label, group) in zip(axes, cd.items()):
         n = group[0].n
         models = group[0].config.get("models") or []
@@ -224,7 +234,8 @@ def _teacher_share(Figure, groups, out: Path) -> str | None:
         ax.grid(alpha=0.3)
         _integer_epochs(ax)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("teacher share (fraction of steps)")
+    for ax in axes[:: min(len(axes), 3)]:
+        ax.set_ylabel("teacher share (fraction of steps)")
     _suptitle(fig, "How often each network was the teacher" + (f" ({_seed_note(cd)})" if any(len(g) > 1 for g in cd.values()) else ""))
     return _save(fig, out / "teacher_share.png")
 
@@ -284,8 +295,7 @@ def _perturbation(Figure, groups, out: Path) -> str | None:
             panels.append((label, group, dict(counts), dict(won)))
     if not panels:
         return None
-    fig = Figure(figsize=(max(4.8, 0.9 * max(len(p[2]) for p in panels) + 1.5) * len(panels), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    fig, axes = _panel_grid(Figure, len(panels), max(4.8, 0.9 * max(len(p[2]) for p in panels) + 1.5), 4.2)
     for ax, (label, group, counts, won) in zip(axes, panels):
         ops = sorted(counts)
         xs = range(len(ops))
