@@ -10,7 +10,7 @@ from torch import nn
 
 from . import models
 from .config import Config, ConfigError
-from .data import ArrayDataset, TensorLoader, load_arrays, split_validation
+from .data import TensorLoader, load_arrays, split_validation
 from .group import Group
 from .methods import CompetitiveDistillation, DeepMutualLearning, GroupMethod, Independent, KnowledgeDistillation, freeze
 from .perturb import ALL_OPS, CODE_POOL, PAPER_POOL, PerturbationScheduler
@@ -130,7 +130,6 @@ def build_method(config: Config) -> GroupMethod:
 
 def build_teacher(config: Config, num_classes: int, in_channels: int, device: torch.device) -> nn.Module:
     """The frozen teacher of offline KD, from a kdarena checkpoint or a plain state_dict file."""
-    from . import checkpoint as ckpt
 
     m = config.method
     teacher = models.create(m.teacher_model, num_classes=num_classes, in_channels=in_channels)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from . import __version__
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

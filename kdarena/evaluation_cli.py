@@ -19,7 +19,7 @@ def evaluate_checkpoint(path: str, split: str = "test", overrides: list[str] | N
     data = build_data(config, device)
     loader = data.val if split == "val" else data.test
     if loader is None:
-        raise ValueError(f"the run has no validation split (data.val_size=0); use --split test")
+        raise ValueError("the run has no validation split (data.val_size=0); use --split test")
     group = build_group(config, data.num_classes, data.in_channels).to(device)
     if config.train.channels_last:
         group.to(memory_format=torch.channels_last)

@@ -563,7 +563,7 @@ class Trainer:
             self.save("best.pt")
 
     def _epoch_line(self, record: dict[str, Any]) -> str:
-        split = "val" if f"net0/val_top1" in record else "test"
+        split = "val" if "net0/val_top1" in record else "test"
         accs = " ".join(f"{record[f'net{i}/{split}_top1']:.2f}" for i in range(self.n) if f"net{i}/{split}_top1" in record)
         shares = " ".join(f"{record[f'net{i}/teacher_share']:.2f}" for i in range(self.n))
         return (f"epoch {record['epoch'] + 1}: {split} top1 [{accs}] teacher share [{shares}] "

@@ -1,7 +1,6 @@
 """Float64 reference formulas written straight from method.md, independent of kdarena's code."""
 import math
 
-import torch
 
 
 def softmax64(z, tau=1.0):

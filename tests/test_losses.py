@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kdarena.losses import MixedTarget, cross_entropy, feature_l2, kl_to_teacher
 from reference import ce64, kl64
