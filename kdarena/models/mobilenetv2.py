@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .registry import GlobalAvgPool, init_weights, register
+from .registry import GlobalAvgPool, conv_bn, init_weights, register
 
 # (expansion t, output channels c, repeats n, first stride s)
 CIFAR_CONFIG = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
@@ -29,13 +29,7 @@ def _divisible(v: float, divisor: int = 8) -> int:
 
 
 def _conv_bn_act(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [
-        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
-        nn.BatchNorm2d(cout),
-    ]
-    if act:
-        layers.append(nn.ReLU6(inplace=True))
-    return nn.Sequential(*layers)
+    return conv_bn(cin, cout, kernel, stride, groups, nn.ReLU6 if act else None)
 
 
 class InvertedResidual(nn.Module):

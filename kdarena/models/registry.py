@@ -97,6 +97,18 @@ def feature_layer(model: nn.Module) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
+            activation: type[nn.Module] | None = nn.ReLU) -> nn.Sequential:
+    """Conv (no bias, "same" padding) -> BatchNorm -> optional in-place activation."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if activation is not None:
+        layers.append(activation(inplace=True))
+    return nn.Sequential(*layers)
+
+
 class GlobalAvgPool(nn.Module):
     """Adaptive average pooling to 1x1 followed by flatten: ``(N, C, H, W) -> (N, C)``.
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .registry import GlobalAvgPool, init_weights, register
+from .registry import GlobalAvgPool, conv_bn, init_weights, register
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -24,13 +24,7 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, relu: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [
-        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
-        nn.BatchNorm2d(cout),
-    ]
-    if relu:
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+    return conv_bn(cin, cout, kernel, stride, groups, nn.ReLU if relu else None)
 
 
 class ShuffleUnit(nn.Module):
