@@ -1,0 +1,101 @@
+"""Turn the ``data`` section of a :class:`~kdarena.config.Config` into train / val / test loaders."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config, ConfigError
+from .datasets import load_arrays
+from .split import split_validation
+from .tensor_loader import TensorLoader
+
+CIFAR_LIKE = ("cifar10", "cifar100")
+
+
+@dataclass
+class DataBundle:
+    train: Any
+    val: Any | None
+    test: Any
+    num_classes: int
+    in_channels: int
+    classes: list[str]
+
+
+def _array_loaders(config: Config, device: torch.device, rank: int, world: int) -> DataBundle:
+    d = config.data
+    train, test = load_arrays(d.name, root=d.root, download=d.download)
+    if d.train_subset is not None and d.train_subset < len(train):
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(d.val_seed))
+        train = train.subset(order[: d.train_subset])
+    val = None
+    if d.val_size:
+        if (isinstance(d.val_size, int) and d.val_size >= len(train)):
+            raise ConfigError(f"data.val_size={d.val_size} leaves no training data ({len(train)} samples); use a smaller value")
+        train, val = split_validation(train, d.val_size, d.val_seed)
+    global_batch = d.batch_size * world
+    if global_batch > len(train):
+        raise ConfigError(
+            f"data.batch_size={d.batch_size} (x {world} processes) is larger than the training set "
+            f"({len(train)} samples); use a smaller batch size"
+        )
+    crop = d.crop_padding if d.crop_padding is not None else (4 if d.name in CIFAR_LIKE else 0)
+    flip = d.flip if d.flip is not None else d.name in CIFAR_LIKE
+    channels_last = config.train.channels_last
+    common = dict(device=device, rank=rank, world_size=world, channels_last=channels_last)
+    train_loader = TensorLoader(train, d.batch_size, train=True, seed=config.seed, crop_padding=crop, flip=flip, **common)
+    eval_loader = lambda ds: TensorLoader(ds, d.eval_batch_size, train=False, **common)  # noqa: E731
+    return DataBundle(
+        train_loader,
+        eval_loader(val) if val is not None else None,
+        eval_loader(test),
+        train.num_classes,
+        train.channels,
+        list(train.classes),
+    )
+
+
+def _folder_loaders(config: Config, device: torch.device, rank: int, world: int) -> DataBundle:
+    from .folder_loader import FolderLoader
+    from .imagefolder import ImageFolder
+
+    d = config.data
+    if not d.root:
+        raise ConfigError("data.name=imagefolder needs data.root: a folder with train/ and val/ (or test/) class folders")
+    root = Path(d.root)
+    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise ConfigError(f"data.root={d.root!r} must contain train/ and val/ (or test/) folders of class sub-folders")
+    train = ImageFolder(str(root / "train"), d.image_size, skip_bad=d.skip_bad_images)
+    test = ImageFolder(str(test_dir), d.image_size, skip_bad=d.skip_bad_images)
+    if test.classes != train.classes:
+        raise ConfigError(f"{test_dir} has classes {test.classes[:5]}... but train/ has {train.classes[:5]}...; they must match")
+    train_idx = list(range(len(train)))
+    val_idx: list[int] = []
+    if d.val_size:
+        from .split import holdout_size, stratified_holdout
+        import numpy as np
+
+        labels = np.array([label for _, label in train.samples])
+        k = holdout_size(d.val_size, len(labels))
+        keep, held = stratified_holdout(labels, k, d.val_seed)
+        train_idx, val_idx = keep.tolist(), held.tolist()
+    if d.train_subset is not None:
+        train_idx = train_idx[: d.train_subset]
+    if d.batch_size * world > len(train_idx):
+        raise ConfigError(f"data.batch_size={d.batch_size} (x {world} processes) is larger than the training set ({len(train_idx)} images)")
+    common = dict(device=device, rank=rank, world_size=world, num_workers=d.num_workers, channels_last=config.train.channels_last)
+    subset = torch.utils.data.Subset
+    train_loader = FolderLoader(subset(train, train_idx), d.batch_size, train=True, seed=config.seed, flip=d.flip is not False, **common)
+    val_loader = FolderLoader(subset(train, val_idx), d.eval_batch_size, train=False, **common) if val_idx else None
+    test_loader = FolderLoader(test, d.eval_batch_size, train=False, **common)
+    return DataBundle(train_loader, val_loader, test_loader, train.num_classes, train.channels, list(train.classes))
+
+
+def build_data(config: Config, device: torch.device, rank: int = 0, world: int = 1) -> DataBundle:
+    if config.data.name == "imagefolder":
+        return _folder_loaders(config, device, rank, world)
+    return _array_loaders(config, device, rank, world)
