@@ -1,4 +1,7 @@
-"""Parameter-space mutation judged by the competition (beyond the paper; see issue "let a mutation win").
+"""Parameter-space mutation (optional, NOT in the paper: the paper perturbs inputs).
+
+* :class:`ParameterMutation`: Gaussian noise on a network's weights, scaled to each tensor's norm.
+* :class:`MutationTracker`: a mutation judged by the competition (see issue "let a mutation win").
 
 Every ``every`` steps one network, chosen uniformly by a seeded generator (identical on all ranks),
 gets Gaussian noise on its weights scaled to each tensor's norm. The mutated network is then judged
@@ -9,12 +12,75 @@ otherwise (the network returns to its pre-mutation weights, losing those k steps
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Dict, Mapping, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .perturb import ParameterMutation
+from .scheduler import _byte_state
+
+
+class ParameterMutation:
+    """Gaussian noise on a module's weights, scaled to each tensor's norm.
+
+    For every floating-point parameter p (shared parameters once):
+
+        p <- p + scale * ||p||_2 / sqrt(numel(p)) * N(0, I)
+
+    i.e. the noise std is ``scale`` times the RMS of p, so ||noise|| ~= scale * ||p|| for any
+    tensor size (a zero tensor stays zero). The noise is drawn on the CPU (from ``generator``
+    or the mutation's own seeded CPU generator) and moved to the parameter's device, so the
+    same seed gives the same mutation on any device. Computed in float32, cast back.
+    """
+
+    def __init__(self, scale: float = 0.01, seed: int = 0) -> None:
+        scale = float(scale)
+        if not scale >= 0 or math.isinf(scale):
+            raise ValueError(f"scale must be a finite number >= 0 (e.g. 0.01), got {scale!r}")
+        self.scale = scale
+        self.seed = int(seed)
+        self._generator = torch.Generator(device="cpu")
+        self._generator.manual_seed(self.seed)
+
+    @torch.no_grad()
+    def mutate(self, module: nn.Module, generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+        """Perturb ``module``'s parameters in place; return a backup for :meth:`restore`."""
+        if generator is None:
+            generator = self._generator
+        elif torch.device(generator.device).type != "cpu":
+            raise ValueError(
+                f"ParameterMutation draws its noise on the CPU; pass a CPU generator, got one on {generator.device}"
+            )
+        backup: Dict[str, Tensor] = {}
+        for name, p in module.named_parameters():
+            if not p.is_floating_point():
+                continue
+            backup[name] = p.detach().clone()
+            if p.numel() == 0:
+                continue
+            pf = p.detach().float()
+            std = self.scale * pf.norm() / math.sqrt(p.numel())
+            eps = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.device)
+            p.copy_((pf + std * eps).to(p.dtype))
+        return backup
+
+    @staticmethod
+    @torch.no_grad()
+    def restore(module: nn.Module, backup: Mapping[str, Tensor]) -> None:
+        """Copy the backed-up values back into ``module``'s parameters (exact)."""
+        params = dict(module.named_parameters())
+        missing = [n for n in backup if n not in params]
+        if missing:
+            raise KeyError(f"backup holds parameters the module does not have: {missing}")
+        for name, value in backup.items():
+            params[name].copy_(value)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"generator": self._generator.get_state(), "scale": self.scale, "seed": self.seed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._generator.set_state(_byte_state(state["generator"]))
 
 
 class MutationTracker:
