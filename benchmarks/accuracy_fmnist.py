@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ("runs/fmnist-accuracy-smoke" if args.smoke else "runs/fmnist-accuracy"))
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # per-epoch lines
-    from kdarena.plot import plot_path
-    from kdarena.report import write_report
-    from kdarena.sweep import SweepError, run_sweep
+    from kdarena.experiments.plot import plot_path
+    from kdarena.experiments.report import write_report
+    from kdarena.experiments.sweep import SweepError, run_sweep
 
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "CONFIG.yaml"

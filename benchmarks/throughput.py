@@ -20,7 +20,7 @@ Variants (``--variants``, comma separated; each is a base and ``-``-joined token
 * ``loop``   -- kdarena's real :class:`~kdarena.trainer.Trainer` (``Trainer.__init__`` builds the
   group, method, optimizer, scheduler; ``Trainer.train_step`` runs each step) fed by the real
   :class:`~kdarena.data.TensorLoader` with the CIFAR augmentation (crop 4 + flip) on the device.
-  Only ``build_data`` is replaced, to serve synthetic CIFAR-shaped data (uint8 3x32x32, 10
+  Only the data is replaced (``build_parts(..., data_override=...)``), to serve synthetic CIFAR-shaped data (uint8 3x32x32, 10
   classes) instead of reading CIFAR from disk. Method: CD (alpha=1, beta=0, i.e. CE + KL to the
   best, like ``naive``); the input perturbation is off unless the ``perturb`` token is given
   (``naive`` does no perturbation).
@@ -55,7 +55,6 @@ What is reported, per group (``--models``, e.g. ``resnet20x2``):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -245,11 +244,9 @@ class NaiveRunner(Runner):
         self._it = None  # stops persistent workers
 
 
-@contextlib.contextmanager
-def synthetic_build_data(data: ArrayDataset):
-    """Make the Trainer build its data from ``data`` exactly as build_data does for CIFAR."""
-    import kdarena.trainer as trainer_module
-    from kdarena.build import DataBundle
+def synthetic_data(data: ArrayDataset):
+    """A data builder for ``build_parts``: ``data`` served exactly as build_data serves CIFAR."""
+    from kdarena.data.build import DataBundle
 
     def build(config, device, rank=0, world=1):
         d = config.data
@@ -257,17 +254,14 @@ def synthetic_build_data(data: ArrayDataset):
                               rank=rank, world_size=world, channels_last=config.train.channels_last)
         return DataBundle(loader, None, None, data.num_classes, data.channels, list(data.classes))
 
-    original = trainer_module.build_data
-    trainer_module.build_data = build
-    try:
-        yield
-    finally:
-        trainer_module.build_data = original
+    return build
 
 
 class TrainerRunner(Runner):
     def __init__(self, names: list[str], data: ArrayDataset, args, v: Variant, run_root: Path):
         from kdarena.config import validate
+        from kdarena.engine.build import build_parts
+        from kdarena.engine.distributed import DistInfo, resolve_device
         from kdarena.trainer import Trainer
 
         self.n = len(names)
@@ -282,8 +276,9 @@ class TrainerRunner(Runner):
                       "progress": False, "tensorboard": False},
         }
         config = validate(raw)
-        with synthetic_build_data(data):
-            self.trainer = Trainer(config, run_dir=run_root / f"{'+'.join(names)}-{v.name}", force=True)
+        device = resolve_device(config.train.device, DistInfo())
+        parts = build_parts(config, device, data_override=synthetic_data(data))
+        self.trainer = Trainer(config, run_dir=run_root / f"{'+'.join(names)}-{v.name}", force=True, parts=parts)
         self.device = self.trainer.device
         self.loader = self.trainer.data.train
         self._epoch = 0

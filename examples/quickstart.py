@@ -46,7 +46,7 @@ for epoch in range(args.epochs):
         if decision is not None:
             inputs[decision.network], targets[decision.network] = perturber.apply(decision, x, y)
         out = group(inputs)
-        losses = method.losses(out.logits, targets)  # lowest CE teaches; students add KL to it
+        losses = method.compute(out.logits, targets)  # lowest CE teaches; students add KL to it
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()  # teacher outputs are detached: one backward serves every network
         optimizer.step()

@@ -1,29 +1,44 @@
-"""kdarena: competitive distillation and its baselines for groups of PyTorch networks."""
-__version__ = "0.1.0"
+"""kdarena: competitive distillation and its baselines for groups of PyTorch networks.
+
+Layout: ``methods/`` (one class per method and the registry), ``perturb/`` (input perturbation
+and weight mutation), ``engine/`` (building the parts, checkpoints, run records, schedules,
+distributed helpers, the fused group, evaluation), ``experiments/`` (sweep, report, plot),
+``data/`` and ``models/``; ``config.py`` is the schema and ``trainer.py`` the training loop.
+"""
+__version__ = "0.2.0"
 
 from .group import Group, GroupOutput
 from .losses import MixedTarget, cross_entropy, feature_l2, kl_to_teacher
 from .methods import (
-    METHODS,
     CompetitiveDistillation,
     DeepMutualLearning,
     GroupLosses,
+    GroupMethod,
     Independent,
     KnowledgeDistillation,
+    MethodParams,
+    StepInput,
+    register_method,
 )
+from .trainer import Trainer, train
 
 __all__ = [
     "__version__",
     "Group",
     "GroupOutput",
     "GroupLosses",
+    "GroupMethod",
+    "MethodParams",
     "MixedTarget",
+    "StepInput",
     "Independent",
     "DeepMutualLearning",
     "CompetitiveDistillation",
     "KnowledgeDistillation",
-    "METHODS",
+    "Trainer",
     "cross_entropy",
     "feature_l2",
     "kl_to_teacher",
+    "register_method",
+    "train",
 ]

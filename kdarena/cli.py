@@ -1,4 +1,4 @@
-"""Command line: ``kdarena train | eval | models | sweep | report | plot``.
+"""Command line: ``kdarena train | eval | models | methods | sweep | report | plot``.
 
 Bad input exits with status 2 and a one-line message; ``--debug`` shows the traceback.
 """
@@ -14,9 +14,9 @@ from . import __version__
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
+    from .engine.checkpoint import CheckpointError
     from .config import ConfigError
-    from .runlog import RunDirError
+    from .engine.runlog import RunDirError
 
     try:
         from .trainer import NonFiniteLossError
@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     sub.add_parser("models", help="list the registered models")
+    sub.add_parser("methods", help="list the registered methods with their papers, options and sweep presets")
 
     sweep = sub.add_parser("sweep", help="run methods x seeds into one experiment directory")
     sweep.add_argument("config")
@@ -93,7 +94,7 @@ def _cmd_train(args) -> int:
         if args.config and "=" not in args.config and Path(args.config).resolve() != base.resolve():
             logging.getLogger("kdarena").info("resuming with the run's own config.yaml; %s is not used", args.config)
         if not base.is_file():
-            from .runlog import RunDirError
+            from .engine.runlog import RunDirError
 
             raise RunDirError(f"cannot resume: {run_dir} holds no run (no config.yaml)")
         config = cfg.load(base, overrides)
@@ -126,7 +127,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from .evaluation_cli import evaluate_checkpoint
+    from .engine.evaluation_cli import evaluate_checkpoint
 
     results = evaluate_checkpoint(args.checkpoint, args.split, args.overrides)
     for key, value in results.items():
@@ -143,29 +144,49 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _cmd_methods(args) -> int:
+    from .methods import registry
+
+    for name in registry.names():
+        method = registry.get(name)
+        print(f"{name}: {method.label}")
+        if method.paper:
+            print(f"    paper:   {method.paper}")
+        options = []
+        for key, field in method.Params.model_fields.items():
+            if key == "name":
+                continue
+            default = "required" if field.is_required() else repr(field.default)
+            options.append(f"{key}={default}")
+        print(f"    options: {', '.join(options) or '-'}")
+        if method.presets:
+            print(f"    presets: {', '.join(method.presets)}")
+    return 0
+
+
 def _cmd_sweep(args) -> int:
-    from .sweep import run_sweep
+    from .experiments.sweep import run_sweep
 
     run_sweep(args.config, args.overrides, args.methods, args.seeds, args.out)
     return 0
 
 
 def _cmd_report(args) -> int:
-    from .report import write_report
+    from .experiments.report import write_report
 
     print(write_report(args.dirs, args.out, best_on_test=args.best_on_test))
     return 0
 
 
 def _cmd_plot(args) -> int:
-    from .plot import plot_path
+    from .experiments.plot import plot_path
 
     for path in plot_path(args.path, args.out):
         print(path)
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "models": _cmd_models, "sweep": _cmd_sweep, "report": _cmd_report, "plot": _cmd_plot}
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "models": _cmd_models, "methods": _cmd_methods, "sweep": _cmd_sweep, "report": _cmd_report, "plot": _cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,54 +10,46 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line meant for the user."""
-
-
-class _KeyValueError(ValueError):
-    """A cross-field check that failed on one key (so the message can name the key and its value)."""
-
-    def __init__(self, key: str, value: Any, message: str):
-        super().__init__(message)
-        self.key, self.value = key, value
+from .config_errors import ConfigError, _FormattedError, _KeyValueError, format_error
+from .methods import registry as method_registry
+from .methods.base import MethodParams
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+#: Schema markers (``json_schema_extra``): a *bookkeeping* key (paths, logging, speed knobs) never
+#: changes what a run means, so sweeps, reports and resume ignore it; a *resumable* key may change
+#: when a run is resumed (how long or how carefully it trains, not what it is).
+BOOKKEEPING = {"bookkeeping": True}
+RESUMABLE = {"resumable": True}
+
+
 class DataConfig(_Section):
-    name: Literal["fashion_mnist", "cifar10", "cifar100", "digits", "imagefolder"] = "fashion_mnist"
-    root: Optional[str] = Field(None, description="data folder (default: search $KDARENA_DATA, ~/.cache/kdarena, system paths)")
-    download: bool = False
+    name: Literal["fashion_mnist", "cifar10", "cifar100", "digits", "imagefolder", "tiny_imagenet"] = "fashion_mnist"
+    root: Optional[str] = Field(None, json_schema_extra=BOOKKEEPING, description="data folder, or for imagefolder/tiny_imagenet a folder or .tar/.tar.gz/.zip of one "
+                                "(default: search $KDARENA_DATA, ~/.cache/kdarena, system paths)")
+    download: bool = Field(False, json_schema_extra=BOOKKEEPING)
     val_size: Union[int, float] = Field(5000, ge=0, description="held-out validation samples (count, or fraction < 1)")
     val_seed: int = 0
     batch_size: int = Field(128, ge=1, description="per-process batch size")
-    eval_batch_size: int = Field(512, ge=1)
+    eval_batch_size: int = Field(512, ge=1, json_schema_extra=BOOKKEEPING)
     crop_padding: Optional[int] = Field(None, ge=0, description="random-crop padding (default: 4 for CIFAR, 0 otherwise)")
     flip: Optional[bool] = Field(None, description="random horizontal flip (default: on for CIFAR and image folders)")
-    image_size: int = Field(224, ge=8, description="image folders: resize/crop size")
-    num_workers: int = Field(4, ge=0, description="image folders: DataLoader workers")
+    image_size: Optional[int] = Field(None, ge=8, description="image folders: resize (shorter side, area filter) and centre-crop "
+                                      "size (default: the images' own size up to 64 px, else 224)")
+    num_workers: int = Field(4, ge=0, json_schema_extra=BOOKKEEPING, description="image folders: DataLoader workers")
     train_subset: Optional[int] = Field(None, ge=1, description="use only this many training samples (quick tests)")
     skip_bad_images: bool = False
-
-
-class MethodConfig(_Section):
-    name: Literal["independent", "dml", "cd", "kd"] = "cd"
-    alpha: float = Field(1.0, ge=0, description="weight of the KL term")
-    beta: float = Field(0.0, ge=0, description="weight of the feature loss (paper: 1.0)")
-    temperature: float = Field(1.0, gt=0)
-    rule: Literal["best", "better"] = "best"
-    selection: Literal["own-batch", "clean", "smoothed"] = "own-batch"
-    smoothing: float = Field(0.9, ge=0, lt=1)
-    feature_reduction: Literal["batchmean", "sum", "mean"] = "batchmean"
-    feature_layers: Optional[list[Optional[str]]] = None
-    teacher_model: Optional[str] = Field(None, description="kd: the frozen teacher's model name")
-    teacher_checkpoint: Optional[str] = Field(None, description="kd: a kdarena checkpoint or a state_dict file")
-    teacher_index: int = Field(0, ge=0, description="kd: which network of a kdarena checkpoint teaches")
+    cache_max_gb: float = Field(4.0, ge=0, description="image folders/archives: decode once into memory (cached under "
+                                "~/.cache/kdarena) when the decoded set fits this many GB; larger folders are streamed (0: always stream)")
+    mean: Optional[list[float]] = Field(None, description="per-channel normalisation mean in [0, 1] (default: the data set's own)")
+    std: Optional[list[float]] = Field(None, description="per-channel normalisation std (default: the data set's own)")
+    rotation: float = Field(0.0, ge=0, le=180, description="random rotation of each training image by up to this many degrees "
+                            "(batch-wise, nearest pixel, zero fill; in-memory data sets)")
 
 
 class ParameterMutationConfig(_Section):
@@ -70,6 +62,11 @@ class ParameterMutationConfig(_Section):
 class PerturbConfig(_Section):
     enabled: bool = True
     ops: Union[Literal["paper", "code", "all"], list[str]] = "paper"
+    op_params: dict[str, dict[str, Any]] = Field(
+        {},
+        description="op strengths by op name, e.g. {noise: {std: 0.5, clamp: [0, 1]}, crop: {scale: [0.2, 0.6]}}; "
+        "the keys are the constructor arguments of kdarena.perturb's ops (Noise, Warp, Crop, Jitter, Blur, Rotate)",
+    )
     every: int = Field(1, ge=1, description="perturb every k-th step (paper: 1, authors' code: 10)")
     probability: Optional[float] = Field(None, ge=0, le=1, description="perturb with this probability instead of every k-th step")
     mix_alpha: float = Field(1.0, gt=0, description="Beta(a, a) for the mixing coefficient")
@@ -80,15 +77,44 @@ class PerturbConfig(_Section):
     )
     parameters: ParameterMutationConfig = ParameterMutationConfig()
 
+    @field_validator("ops", mode="before")
+    @classmethod
+    def _known_ops(cls, ops: Any) -> Any:
+        from .perturb import ALL_OPS, POOLS  # here, not at the top: only this class needs the package
+
+        if isinstance(ops, str) and ops not in POOLS:
+            ops = [ops]  # one op name is a pool of one
+        if isinstance(ops, (list, tuple)):
+            unknown = [op for op in ops if op not in ALL_OPS]
+            if unknown or not ops:
+                what = f"unknown op(s) {unknown}" if unknown else "the pool is empty"
+                raise ValueError(f"{what}; valid: paper, code, all, or a list of {', '.join(ALL_OPS)}")
+        return ops
+
+    @field_validator("op_params")
+    @classmethod
+    def _known_op_params(cls, op_params: dict[str, dict[str, Any]], info: Any) -> dict[str, dict[str, Any]]:
+        from .perturb import OpParameterError, build_ops, resolve_ops
+
+        ops = info.data.get("ops")
+        if ops is None:  # perturb.ops itself is invalid and reported on its own
+            return op_params
+        try:
+            build_ops(resolve_ops(ops), op_params)  # builds each op once: checks names, keys and values
+        except OpParameterError as error:
+            key = f"perturb.op_params.{error.op}" + (f".{error.key}" if error.key else "")
+            raise _KeyValueError(key, error.value, str(error)) from None
+        return op_params
+
 
 class OptimConfig(_Section):
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
+    lr: float = Field(0.1, gt=0, json_schema_extra=RESUMABLE)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    epochs: int = Field(200, ge=1)
+    epochs: int = Field(200, ge=1, json_schema_extra=RESUMABLE)
     schedule: Literal["cosine", "step", "multistep", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0)
     milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="multistep: epochs, or fractions of the run if all < 1")
@@ -98,144 +124,105 @@ class OptimConfig(_Section):
 
 
 class TrainConfig(_Section):
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$", description="auto, cpu, cuda, cuda:N")
+    device: str = Field("auto", json_schema_extra=BOOKKEEPING, pattern=r"^(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$", description="auto, cpu, cuda, cuda:N")
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    channels_last: bool = True
-    compile: bool = False
-    fused: bool = Field(False, description="run identical networks as one vmapped forward (torch.func): fewer, larger GPU kernels; single process, same model for every entry; slower on CPU")
+    channels_last: bool = Field(True, json_schema_extra=BOOKKEEPING)
+    compile: bool = Field(False, json_schema_extra=BOOKKEEPING)
+    fused: bool = Field(False, json_schema_extra=BOOKKEEPING, description="run identical networks as one vmapped forward (torch.func): fewer, larger GPU kernels; single process, same model for every entry; slower on CPU")
     deterministic: bool = False
-    threads: Optional[int] = Field(None, ge=1, description="CPU threads (default: torch's choice)")
-    eval_every: int = Field(1, ge=1)
-    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
-    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: off)")
-    stop_after_steps: Optional[int] = Field(None, ge=1, description="checkpoint and stop at this global step (testing resume)")
+    threads: Optional[int] = Field(None, ge=1, json_schema_extra=BOOKKEEPING, description="CPU threads (default: torch's choice)")
+    eval_every: int = Field(1, ge=1, json_schema_extra=RESUMABLE)
+    checkpoint_every: int = Field(1, ge=1, json_schema_extra=BOOKKEEPING, description="epochs between checkpoints")
+    checkpoint_every_steps: int = Field(0, ge=0, json_schema_extra=BOOKKEEPING, description="also checkpoint every N steps (0: off)")
+    stop_after_steps: Optional[int] = Field(None, ge=1, json_schema_extra=BOOKKEEPING, description="checkpoint and stop at this global step (testing resume)")
     step_log: bool = Field(False, description="write every step's teacher, losses and perturbation to steps.rank<r>.jsonl in the run dir (testing/debugging)")
-    nonfinite: Literal["skip", "rebirth", "stop"] = "skip"
+    nonfinite: Literal["skip", "rebirth", "stop"] = Field("skip", json_schema_extra=RESUMABLE)
     sync_batchnorm: bool = False
-    progress: bool = True
-    tensorboard: bool = True
+    progress: bool = Field(True, json_schema_extra=BOOKKEEPING)
+    tensorboard: bool = Field(True, json_schema_extra=BOOKKEEPING)
 
 
 class Config(_Section):
-    name: str = "run"
+    name: str = Field("run", json_schema_extra=BOOKKEEPING)
     seed: int = 0
-    output: str = "runs"
+    output: str = Field("runs", json_schema_extra=BOOKKEEPING)
     models: list[str] = Field(default_factory=lambda: ["resnet20", "resnet20"], min_length=1)
     data: DataConfig = DataConfig()
-    method: MethodConfig = MethodConfig()
+    method: SerializeAsAny[MethodParams] = Field(
+        default_factory=lambda: method_registry.params_for({}),
+        description="the method and its own parameters: {name: cd, alpha: 1, rule: best}; see `kdarena methods`")
     perturb: PerturbConfig = PerturbConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_params(cls, raw: Any) -> MethodParams:
+        """Validate the section with the model of the method it names (each method owns its options)."""
+        if isinstance(raw, MethodParams):
+            return raw
+        if not isinstance(raw, dict):
+            raise ValueError(f"must be a mapping such as {{name: cd, alpha: 1.0}}, got {type(raw).__name__}")
+        name = raw.get("name", "cd")
+        if name not in method_registry.names():
+            registered = ", ".join(repr(m) for m in method_registry.names())
+            raise _KeyValueError("method.name", name, f"unknown method; registered: {registered} (see `kdarena methods`); "
+                                 "e.g. the default method.name=cd")
+        try:
+            return method_registry.params_for(raw)
+        except ValidationError as error:
+            raise _FormattedError(format_error(error, method_registry.get(name).Params, ("method",))) from None
+
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
         n = len(self.models)
-        if self.method.name in ("dml", "cd") and n < 2:
-            raise _KeyValueError("models", self.models, f"method {self.method.name} needs at least 2 networks, got {n}; "
-                                 "list two or more models or use method.name=independent")
-        if self.method.name == "kd" and not self.method.teacher_model:
-            raise _KeyValueError("method.teacher_model", None, "method kd needs method.teacher_model (and usually method.teacher_checkpoint)")
-        if self.method.feature_layers is not None and len(self.method.feature_layers) != n:
-            raise _KeyValueError("method.feature_layers", self.method.feature_layers,
-                                 f"{len(self.method.feature_layers)} entries for {n} models; give one per model (null: its default)")
+        method = method_registry.get(self.method.name)
+        if n < method.min_networks:
+            raise _KeyValueError("models", self.models, f"method {self.method.name} needs at least {method.min_networks} networks, "
+                                 f"got {n}; list more models or use method.name=independent")
+        try:
+            self.method.check(n)
+        except ValueError as error:
+            key, message = error.args if len(error.args) == 2 else ("", str(error))
+            raise _KeyValueError(f"method.{key}" if key else "method", getattr(self.method, key, None), message) from None
         if isinstance(self.data.val_size, float) and not 0 < self.data.val_size < 1:
             raise _KeyValueError("data.val_size", self.data.val_size, "a fraction must be in (0, 1); use an integer for a count")
         return self
 
+    def check_runtime(self, device_type: str, distributed: bool) -> None:
+        """The checks that need the resolved device and the process count (the trainer calls this once)."""
+        t = self.train
+        if t.sync_batchnorm and distributed and device_type == "cpu":  # torch's SyncBatchNorm raises on CPU tensors
+            raise ConfigError("train.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does not run on CPU; drop it for CPU (gloo) runs")
+        if t.fused and device_type == "cuda" and t.precision == "fp32" and t.channels_last:
+            # Seen on an H200 with torch 2.11: "NYI: querying is_contiguous inside of vmap" in the fp32 conv path.
+            raise ConfigError("train.fused=true with precision fp32 on CUDA needs train.channels_last=false (vmap limitation)")
+        if t.fused and distributed:
+            raise ConfigError("train.fused supports single-process training only; set train.fused=false with torchrun")
 
-def _valid_keys(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
 
-
-def _section_at(loc: tuple) -> type[BaseModel]:
-    model: type[BaseModel] = Config
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
         else:
-            break
-    return model
+            out[path] = value
+    return out
 
 
-def _field_loc(loc: tuple) -> tuple:
-    """``loc`` without pydantic's union-member tags: ('perturb', 'ops', "literal[...]") -> ('perturb', 'ops')."""
-    model: type[BaseModel] = Config
-    out: list[str] = []
-    for i, part in enumerate(loc):
-        field = model.model_fields.get(part)
-        if field is None:
-            break
-        out.append(part)
+def marked_keys(marker: str, model: type[BaseModel] | None = None, prefix: str = "") -> set[str]:
+    """Dotted keys whose schema carries ``marker`` (``"bookkeeping"`` or ``"resumable"``)."""
+    out: set[str] = set()
+    for name, field in (model or Config).model_fields.items():
         annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-            continue
-        rest = loc[i + 1:]
-        if rest and all(p.isdigit() for p in rest):  # an item of a list or tuple
-            out.extend(rest)
-        break
-    return tuple(out) if out else loc
-
-
-def _message(entry: dict) -> str:
-    message = entry["msg"]
-    if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
-    return " ".join(message.split())  # one line
-
-
-def _format_error(error: ValidationError) -> str:
-    errors = error.errors()
-    first = errors[0]
-    raw_loc = tuple(str(p) for p in first["loc"])
-    if first["type"] == "extra_forbidden":
-        key = ".".join(raw_loc)
-        section = _section_at(raw_loc[:-1])
-        where = ".".join(raw_loc[:-1]) or "the top level"
-        shown_key = key if key.isprintable() else repr(key)[1:-1]
-        return f"unknown key '{shown_key}'; valid keys in {where}: {', '.join(_valid_keys(section))}"
-    loc = _field_loc(raw_loc)
-    key = ".".join(loc) or "config"
-    value = first.get("input")
-    cause = (first.get("ctx") or {}).get("error")
-    if isinstance(cause, _KeyValueError):
-        key, value = cause.key, cause.value
-    shown = "" if isinstance(value, dict) else f" (got {_short_repr(value)})"
-    # a union field (e.g. perturb.ops, data.val_size) fails once per member: report them together
-    same = [e for e in errors if _field_loc(tuple(str(p) for p in e["loc"])) == loc]
-    messages: list[str] = []
-    for entry in same:
-        if _message(entry) not in messages:
-            messages.append(_message(entry))
-    message = "; or ".join(messages)
-    if first["type"] == "string_pattern_mismatch" and loc == ("train", "device"):
-        message = "must be auto, cpu, cuda, cuda:N, mps or xpu"
-    hint = _default_hint(loc) if not isinstance(cause, _KeyValueError) else ""
-    others = len(errors) - len(same)
-    more = f" (and {others} more problem(s))" if others > 0 else ""
-    return f"bad value for '{key}'{shown}: {message}{hint}{more}"
-
-
-def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _default_hint(loc: tuple) -> str:
-    """``; default: X`` for a plain field (the fix: set a valid value such as the default)."""
-    if not loc:
-        return ""
-    field = _section_at(loc[:-1]).model_fields.get(loc[-1])
-    if field is None or field.default_factory is not None:
-        return ""
-    default = field.default
-    if isinstance(default, bool):
-        return f"; e.g. the default {'.'.join(loc)}={str(default).lower()}"
-    if isinstance(default, (int, float, str)):
-        return f"; e.g. the default {'.'.join(loc)}={default}"
-    return ""
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and not issubclass(annotation, MethodParams):
+            out |= marked_keys(marker, annotation, f"{prefix}{name}.")
+        elif isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get(marker):
+            out.add(prefix + name)
+    return out
 
 
 def validate(raw: dict[str, Any]) -> Config:
@@ -245,7 +232,7 @@ def validate(raw: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_format_error(error)) from None
+        raise ConfigError(format_error(error, Config)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -273,8 +260,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: '{part}' is a value, not a section")
             node = child
+        if path == ["method", "name"]:
+            _switch_method(node, value)
         node[path[-1]] = value
     return raw
+
+
+def _switch_method(section: dict[str, Any], name: Any) -> None:
+    """``method.name=X`` on a section written for another method keeps only the options X also has.
+
+    So ``--methods independent,dml,cd`` over a config written for cd means "the same settings where
+    they apply" (dml keeps alpha and temperature, independent keeps nothing), while an option of
+    another method written by hand (in YAML or a later override) is still an error.
+    """
+    old = section.get("name", "cd")
+    if name == old or not isinstance(name, str) or name not in method_registry.names():
+        return
+    accepted = method_registry.get(name).Params.model_fields
+    for key in [k for k in section if k not in accepted]:
+        del section[key]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

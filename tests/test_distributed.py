@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kdarena import checkpoint as ckpt
+from kdarena.engine import checkpoint as ckpt
 from kdarena.config import dump, load
 
 pytestmark = [
@@ -172,7 +172,7 @@ def test_resume_refuses_another_global_batch(runs, capsys):
 
 def test_sync_batchnorm_is_refused_on_cpu(tmp_path, monkeypatch):
     """torch's SyncBatchNorm raises on CPU tensors: a 2-process CPU run stops with a config error up front."""
-    from kdarena import distributed as dist_utils
+    from kdarena.engine import distributed as dist_utils
     from kdarena.config import ConfigError
     from kdarena.trainer import Trainer
 

@@ -8,9 +8,9 @@ import yaml
 
 from kdarena import cli
 from kdarena.config import ConfigError
-from kdarena.plot import plot_path
-from kdarena.report import pooled_std, sample_std, write_report
-from kdarena.sweep import PRESETS, SweepError, parse_method, parse_methods, parse_seeds, run_sweep
+from kdarena.experiments.plot import plot_path
+from kdarena.experiments.report import pooled_std, sample_std, write_report
+from kdarena.experiments.sweep import SweepError, presets, parse_method, parse_methods, parse_seeds, run_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -123,10 +123,10 @@ def test_plots_are_png(experiment):
 
 # ----------------------------------------------------------------------------- parsing and statistics (fast)
 def test_method_specs():
-    assert parse_method("cd-code").overrides == PRESETS["cd-code"]
+    assert parse_method("cd-code").overrides == presets()["cd-code"]
     custom = parse_method("cd-clean:method.name=cd;method.selection=clean")
     assert (custom.label, custom.overrides) == ("cd-clean", ["method.name=cd", "method.selection=clean"])
-    assert parse_method("cd:perturb.every=10").overrides == PRESETS["cd"] + ["perturb.every=10"]
+    assert parse_method("cd:perturb.every=10").overrides == presets()["cd"] + ["perturb.every=10"]
     specs = parse_methods("independent,cd-x:models=[convnet,convnet];method.name=cd")
     assert [s.label for s in specs] == ["independent", "cd-x"] and specs[1].overrides[0] == "models=[convnet,convnet]"
     with pytest.raises(SweepError, match="unknown method"):

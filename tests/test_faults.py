@@ -36,12 +36,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kdarena.data.datasets as datasets_mod
-from kdarena import checkpoint as ckpt
+from kdarena.engine import checkpoint as ckpt
 from kdarena import config as cfg
 from kdarena.cli import main
 from kdarena.models import available, register
 from kdarena.models.convnet import ConvNet
-from kdarena.runlog import read_metrics
+from kdarena.engine.runlog import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kdarena import models
-from kdarena.fused import FusedGroup, FusedGroupError, check_fusable
+from kdarena.engine.fused import FusedGroup, FusedGroupError, check_fusable
 from kdarena.group import Group
 from kdarena.losses import MixedTarget
 from kdarena.methods import CompetitiveDistillation
@@ -59,8 +59,8 @@ def test_fused_matches_loop(n, model, perturbed):
     out_loop, out_fused = loop(inputs), fused(inputs)
     for a, b in zip(out_loop.logits, out_fused.logits):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
-    l_loop = method.losses(out_loop.logits, targets)
-    l_fused = method.losses(out_fused.logits, targets)
+    l_loop = method.compute(out_loop.logits, targets)
+    l_fused = method.compute(out_fused.logits, targets)
     assert int(l_loop.teacher_index) == int(l_fused.teacher_index)
     torch.testing.assert_close(torch.stack(l_fused.per_network), torch.stack(l_loop.per_network), rtol=1e-9, atol=1e-10)
     l_loop.total.backward()
@@ -82,8 +82,8 @@ def test_fused_features_and_float32_channels_last(n):
     assert out_fused.features is not None and len(out_fused.features) == n
     for a, b in zip(out_loop.features, out_fused.features):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-    l_loop = method.losses(out_loop.logits, y, out_loop.features, loop.adapt)
-    l_fused = method.losses(out_fused.logits, y, out_fused.features, fused_group.adapt)
+    l_loop = method.compute(out_loop.logits, y, features=out_loop.features, adapt=loop.adapt)
+    l_fused = method.compute(out_fused.logits, y, features=out_fused.features, adapt=fused_group.adapt)
     torch.testing.assert_close(torch.stack(l_fused.per_network), torch.stack(l_loop.per_network), rtol=1e-4, atol=1e-5)
     l_loop.total.backward()
     l_fused.total.backward()
@@ -102,7 +102,7 @@ def test_optimizer_steps_and_state_dict_stay_shared():
         x, y = batch(n, seed=step)
         for group, run, opt in ((loop, loop, opt_loop), (fused_group, fused, opt_fused)):
             opt.zero_grad(set_to_none=True)
-            method.losses(run(x).logits, y).total.backward()
+            method.compute(run(x).logits, y).total.backward()
             opt.step()
     for (name, a), b in zip(loop.state_dict().items(), fused_group.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-9, msg=lambda m: f"{name}: {m}")

@@ -19,7 +19,7 @@ def random_logits(n, batch=6, classes=5, seed=0, scale=2.0, dtype=torch.float64)
 @pytest.mark.parametrize("n,tau", list(itertools.product([2, 3, 4], [1.0, 4.0])))
 def test_dml_matches_formula(n, tau):
     logits, y = random_logits(n, seed=n)
-    out = DeepMutualLearning(alpha=0.7, temperature=tau).losses(logits, y)
+    out = DeepMutualLearning(alpha=0.7, temperature=tau).compute(logits, y)
     for i in range(n):
         expected = ce64(logits[i], y) + 0.7 / (n - 1) * sum(kl64(logits[j], logits[i], tau) for j in range(n) if j != i)
         assert out.per_network[i].item() == pytest.approx(expected, abs=1e-6)
@@ -32,7 +32,7 @@ def test_cd_paper_rule_matches_formula(n, tau):
     logits, y = random_logits(n, seed=10 + n)
     ces = [ce64(z, y) for z in logits]
     teacher = min(range(n), key=lambda i: ces[i])
-    out = CompetitiveDistillation(alpha=0.5, beta=0.0, temperature=tau).losses(logits, y)
+    out = CompetitiveDistillation(alpha=0.5, beta=0.0, temperature=tau).compute(logits, y)
     assert out.teacher == teacher
     assert torch.equal(out.per_network[teacher], torch.nn.functional.cross_entropy(logits[teacher], y))
     for i in range(n):
@@ -45,7 +45,7 @@ def test_cd_paper_rule_matches_formula(n, tau):
 def test_cd_better_rule_averages_over_every_better_network(n, tau):
     logits, y = random_logits(n, seed=20 + n)
     ces = [ce64(z, y) for z in logits]
-    out = CompetitiveDistillation(alpha=1.0, beta=0.0, temperature=tau, rule="better").losses(logits, y)
+    out = CompetitiveDistillation(alpha=1.0, beta=0.0, temperature=tau, rule="better").compute(logits, y)
     assert out.teacher == min(range(n), key=lambda i: ces[i])
     for i in range(n):
         better = [j for j in range(n) if ces[j] < ces[i]]
@@ -62,7 +62,7 @@ def test_ties_go_to_the_lowest_index_and_nonfinite_never_teaches():
     assert int(index) == -1
     z = torch.randn(4, 3)
     y = torch.randint(0, 3, (4,))
-    out = CompetitiveDistillation(beta=0).losses([z.clone().requires_grad_(), z.clone().requires_grad_()], y)
+    out = CompetitiveDistillation(beta=0).compute([z.clone().requires_grad_(), z.clone().requires_grad_()], y)
     assert out.teacher == 0
 
 
@@ -73,7 +73,7 @@ def test_nan_network_never_teaches_and_its_nan_reaches_nobody():
     for method in (CompetitiveDistillation(beta=0), CompetitiveDistillation(beta=0, rule="better"), DeepMutualLearning()):
         for z in group:
             z.grad = None
-        out = method.losses(group, y)
+        out = method.compute(group, y)
         assert out.teacher != 0
         assert torch.isnan(out.per_network[0])
         assert torch.isfinite(out.per_network[1]) and torch.isfinite(out.per_network[2])
@@ -92,7 +92,7 @@ def _separate_grads(logits, losses):
 @pytest.mark.parametrize("method", [CompetitiveDistillation(beta=0), CompetitiveDistillation(beta=0, rule="better"), DeepMutualLearning()])
 def test_gradient_isolation_one_backward_equals_n_backwards(method):
     logits, y = random_logits(4, seed=7)
-    out = method.losses(logits, y)
+    out = method.compute(logits, y)
     separate = _separate_grads(logits, out.per_network)
     # each loss reaches only its own network
     for i in range(4):
@@ -112,11 +112,11 @@ def test_per_network_mixed_targets_take_part_in_selection():
     logits, y = random_logits(2, seed=5)
     perm = torch.roll(y, 1)
     mixed = MixedTarget(y, perm, 0.4)
-    out = CompetitiveDistillation(beta=0).losses(logits, [y, mixed])
+    out = CompetitiveDistillation(beta=0).compute(logits, [y, mixed])
     assert out.ce[1].item() == pytest.approx(0.4 * ce64(logits[1], y) + 0.6 * ce64(logits[1], perm), abs=1e-6)
     assert out.ce[0].item() == pytest.approx(ce64(logits[0], y), abs=1e-6)
     with pytest.raises(ValueError, match="targets for 2 networks"):
-        CompetitiveDistillation().losses(logits, [y])
+        CompetitiveDistillation().compute(logits, [y])
 
 
 def test_clean_selection_uses_the_given_ce_not_the_own_batch_ce():
@@ -125,7 +125,7 @@ def test_clean_selection_uses_the_given_ce_not_the_own_batch_ce():
     worse = max(range(2), key=lambda i: own[i])
     selection = torch.tensor([1.0, 1.0], dtype=torch.float64)
     selection[worse] = 0.1
-    out = CompetitiveDistillation(beta=0, selection="clean").losses(logits, y, selection_ce=selection)
+    out = CompetitiveDistillation(beta=0, selection="clean").compute(logits, y, selection_ce=selection)
     assert out.teacher == worse
 
 
@@ -133,13 +133,13 @@ def test_smoothed_selection_follows_its_moving_average():
     method = CompetitiveDistillation(beta=0, selection="smoothed", smoothing=0.5)
     logits, y = random_logits(2, seed=2)
     steps = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 1.5]), torch.tensor([3.0, 1.5])]
-    teachers = [method.losses(logits, y, selection_ce=s).teacher for s in steps]
+    teachers = [method.compute(logits, y, selection_ce=s).teacher for s in steps]
     # EMA: [1, 2] -> [2, 1.75] -> [2.5, 1.625]; the raw CE would have flipped at step 2 already
     assert teachers == [0, 1, 1]
     assert torch.allclose(method.state_dict()["ema"].float(), torch.tensor([2.5, 1.625]))
     method = CompetitiveDistillation(beta=0, selection="smoothed", smoothing=0.9)
-    method.losses(logits, y, selection_ce=torch.tensor([1.0, 2.0]))
-    assert method.losses(logits, y, selection_ce=torch.tensor([3.0, 1.5])).teacher == 0  # [1.2, 1.95]
+    method.compute(logits, y, selection_ce=torch.tensor([1.0, 2.0]))
+    assert method.compute(logits, y, selection_ce=torch.tensor([3.0, 1.5])).teacher == 0  # [1.2, 1.95]
 
 
 def test_feature_loss_with_adapters_between_widths():
@@ -162,7 +162,7 @@ def test_feature_loss_with_adapters_between_widths():
     assert set(group.adapters.keys()) == {"0_to_1", "1_to_0"}
     y = torch.randint(0, 3, (6,))
     out = group(x)
-    losses = CompetitiveDistillation(alpha=0.0, beta=2.0).losses(out.logits, y, out.features, group.adapt)
+    losses = CompetitiveDistillation(alpha=0.0, beta=2.0).compute(out.logits, y, features=out.features, adapt=group.adapt)
     t = out_teacher = losses.teacher
     s = 1 - t
     adapted = group.adapters[f"{s}_to_{t}"](out.features[s])
@@ -194,19 +194,19 @@ def test_offline_kd_formula_and_frozen_teacher_gets_no_gradient():
     with torch.no_grad():
         t_logits = teacher(x)
     s_logits = student(x)
-    out = KnowledgeDistillation(alpha=0.9, temperature=4.0).losses([s_logits], y, teacher_logits=t_logits)
+    out = KnowledgeDistillation(alpha=0.9, temperature=4.0).compute([s_logits], y, teacher_logits=t_logits)
     expected = ce64(s_logits, y) + 0.9 * kl64(t_logits, s_logits, 4.0)
     assert out.per_network[0].item() == pytest.approx(expected, abs=1e-6)
     out.total.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert student.fc.weight.grad is not None
     with pytest.raises(ValueError, match="teacher_logits"):
-        KnowledgeDistillation().losses([s_logits], y)
+        KnowledgeDistillation().compute([s_logits], y)
 
 
 def test_independent_is_plain_cross_entropy():
     logits, y = random_logits(3, seed=4)
-    out = Independent().losses(logits, y)
+    out = Independent().compute(logits, y)
     for i in range(3):
         assert out.per_network[i].item() == pytest.approx(ce64(logits[i], y), abs=1e-6)
     assert out.teacher is None
@@ -220,4 +220,4 @@ def test_invalid_hyperparameters_are_rejected():
     with pytest.raises(ValueError, match="selection"):
         CompetitiveDistillation(selection="random")
     with pytest.raises(ValueError, match="at least 2 networks"):
-        CompetitiveDistillation().losses([torch.zeros(2, 3)], torch.zeros(2, dtype=torch.long))
+        CompetitiveDistillation().compute([torch.zeros(2, 3)], torch.zeros(2, dtype=torch.long))

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from kdarena import __version__
-from kdarena import checkpoint as ckpt
+from kdarena.engine import checkpoint as ckpt
 from kdarena.cli import main
 from kdarena.config import ConfigError, load
-from kdarena.runlog import read_metrics
+from kdarena.engine.runlog import read_metrics
 from kdarena.trainer import Trainer, train
 
 TINY = [
@@ -263,13 +263,13 @@ def test_offline_kd_from_a_trained_group(tmp_path):
     cfg = tiny("optim.epochs=1", "method.name=kd", "method.teacher_model=convnet",
                f"method.teacher_checkpoint={teacher_ckpt}", "method.teacher_index=1", "models=[convnet]")
     trainer = Trainer(cfg, kd_dir)
-    teacher_before = {k: v.clone() for k, v in trainer.teacher_net.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in trainer.method.teacher.state_dict().items()}
     expected = {k[len("networks.1."):]: v for k, v in before.items() if k.startswith("networks.1.")}
     assert_same_tensors(teacher_before, expected)
     summary = trainer.fit()
 
-    assert_same_tensors(trainer.teacher_net.state_dict(), teacher_before)  # frozen, incl. BN statistics
-    assert not trainer.teacher_net.training
+    assert_same_tensors(trainer.method.teacher.state_dict(), teacher_before)  # frozen, incl. BN statistics
+    assert not trainer.method.teacher.training
     assert_same_tensors(group_state(group_dir), before)  # the first run's checkpoint is untouched
     record = read_metrics(kd_dir)[0]
     assert record["net0/kd"] > 0 and "net1/train_loss" not in record
@@ -340,7 +340,7 @@ def test_frozen_bn_stats_normalises_with_batch_statistics_but_keeps_running_ones
     import torch
     from torch import nn
 
-    from kdarena.trainer import frozen_bn_stats
+    from kdarena.perturb import frozen_bn_stats
 
     torch.manual_seed(0)
     frozen, reference = nn.BatchNorm2d(3), nn.BatchNorm2d(3)

@@ -17,6 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..rng import salted_seed
 from .base import OpResult
 from .pools import PAPER_POOL, build_ops, get_op, resolve_ops
 
@@ -28,18 +29,6 @@ class Perturbation:
     network: int
     op: str
     lam: float
-
-
-def _derive_seed(seed: int, salt: int) -> int:
-    """splitmix64 of seed ^ salt: a decorrelated 63-bit seed for a sibling generator."""
-    z = (int(seed) ^ salt) & 0xFFFFFFFFFFFFFFFF
-    z = (z + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
-
-
-_SAMPLE_SALT = 0x5A4D504C  # "ZMPL"
 
 
 def _device_key(device: Union[torch.device, str]) -> str:
@@ -139,7 +128,7 @@ class PerturbationScheduler:
         gen = self._sample_generators.get(key)
         if gen is None:
             gen = torch.Generator(device=key)
-            gen.manual_seed(_derive_seed(self.seed, _SAMPLE_SALT))
+            gen.manual_seed(salted_seed(self.seed, "perturbation-samples"))
             pending = self._pending_states.pop(key, None)
             if pending is not None:
                 gen.set_state(pending)

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .config import OptimConfig
+from ..config import OptimConfig
 
 
 def lr_factor(config: OptimConfig, step: int, steps_per_epoch: int) -> float:

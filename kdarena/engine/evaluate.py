@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import all_reduce_sum
-from .group import Group
+from ..group import Group
 
 
 def autocast_context(device: torch.device, precision: str):

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .group import Group, GroupOutput
+from ..group import Group, GroupOutput
 
 
 class FusedGroupError(ValueError):

@@ -19,16 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..config import flatten, marked_keys
+from ..methods import registry as method_registry
+
 log = logging.getLogger("kdarena")
 
 _SEED_SUFFIX = re.compile(r"-seed(\d+)$")
 _SKIP_DIRS = {"checkpoints", "tensorboard", "plots"}
-_ORDER = ["independent", "dml", "cd", "cd-noperturb", "cd-code"]
-#: Keys that may differ between the runs of one experiment (the method and bookkeeping).
-_METHOD_KEYS = ("seed", "name", "output", "method.", "perturb.", "train.progress", "train.tensorboard", "train.threads",
-                "train.device", "train.stop_after_steps", "train.checkpoint_every", "data.root", "data.download",
-                "data.num_workers", "data.eval_batch_size", "train.compile", "train.fused", "train.channels_last",
-                "train.checkpoint_every_steps")
+#: Prefixes of the keys that define the method (they may differ between the runs of one experiment).
+_METHOD_PREFIXES = ("seed", "method.", "perturb.")
 
 LEGEND = ("Test top-1 (%), mean ± sample std over seeds ('-' for one seed): 'last epoch' = after the final epoch; "
           "'@ best val' = at the epoch where that network's validation top-1 peaked (selected on the held-out "
@@ -48,8 +47,10 @@ class Run:
         return self.summary.get("config") or {}
 
     @property
-    def is_cd(self) -> bool:
-        return (self.config.get("method") or {}).get("name") == "cd"
+    def has_teacher(self) -> bool:
+        """The run's method picks a teacher per step (teacher shares and perturbation wins are meaningful)."""
+        method = method_registry.method_of(self.config)
+        return bool(method and method.has_teacher)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -133,8 +134,8 @@ def _sections(runs: list[Run]) -> list[tuple[str | None, dict[str, list[Run]]]]:
 
 
 def _ordered_labels(labels: Iterable[str]) -> list[str]:
-    labels = list(labels)
-    return [l for l in _ORDER if l in labels] + sorted(l for l in labels if l not in _ORDER)
+    labels, order = list(labels), method_registry.label_order()
+    return [l for l in order if l in labels] + sorted(l for l in labels if l not in order)
 
 
 # ----------------------------------------------------------------------------- per-group numbers
@@ -161,24 +162,11 @@ def _network_rows(runs: list[Run]) -> list[tuple[str, int | None]]:
 def _settings(run: Run) -> str:
     c = run.config
     m, p = c.get("method") or {}, c.get("perturb") or {}
-    name = m.get("name", "?")
-    parts = [name]
-    if name == "cd":
-        parts.append(f"rule {m.get('rule', 'best')}")
-        if m.get("selection", "own-batch") != "own-batch":
-            parts.append(f"selection {m.get('selection')}")
-    if name in ("cd", "dml", "kd") and m.get("beta"):
-        parts.append(f"β {m.get('beta')}")
-    if p.get("enabled") and name == "cd":
-        ops = p.get("ops")
-        ops = "+".join(ops) if isinstance(ops, list) else ops
-        when = f"p={p['probability']}" if p.get("probability") is not None else f"every {p.get('every', 1)}"
-        parts.append(f"perturb {ops} {when}")
-    elif name == "cd":
-        parts.append("no perturbation")
+    method = method_registry.method_of(c)
+    text = method.describe(m, p) if method is not None else str(m.get("name", "?"))
     if (p.get("parameters") or {}).get("enabled"):
-        parts.append("weight mutation")
-    return ", ".join(parts)
+        text += ", weight mutation"
+    return text
 
 
 def _setup_line(runs: list[Run]) -> str:
@@ -196,13 +184,12 @@ def _setup_line(runs: list[Run]) -> str:
 
 
 def _differences(runs: list[Run]) -> list[str]:
-    from .sweep import _flatten
-
-    flat = [_flatten(r.config) for r in runs]
+    flat = [flatten(r.config) for r in runs]
+    ignored = marked_keys("bookkeeping")
     keys = sorted(set().union(*flat))
     out = []
     for key in keys:
-        if key.startswith(_METHOD_KEYS) or key in _METHOD_KEYS:
+        if key.startswith(_METHOD_PREFIXES) or key in ignored:
             continue
         values = {json.dumps(f.get(key), sort_keys=True) for f in flat}
         if len(values) > 1:
@@ -282,7 +269,7 @@ def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None
                 rows.append(row)
                 won = sum(int(r.summary.get("perturbed_won", 0)) for r in group)
                 steps = sum(int(r.summary.get("perturbed_steps", 0)) for r in group)
-                share = _values(group, index, "teacher_share") if index is not None and group[0].is_cd else []
+                share = _values(group, index, "teacher_share") if index is not None and group[0].has_teacher else []
                 record = {
                     "experiment": title or "", "method": label, "settings": _settings(group[0]),
                     "network": name.split(" ")[0], "model": name.split(" ")[1].strip("()") if " " in name else "", "seeds": len(group),
@@ -295,8 +282,8 @@ def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None
                     record["best_test_selected_on_test_std"] = _csv_num(sample_std(best_test))
                 record.update({
                     "teacher_share": _csv_num(mean(share)) if share else "",
-                    "perturbed_won": won if group[0].is_cd else "", "perturbed_steps": steps if group[0].is_cd else "",
-                    "perturbed_win_rate": _csv_num(won / steps) if group[0].is_cd and steps else "",
+                    "perturbed_won": won if group[0].has_teacher else "", "perturbed_steps": steps if group[0].has_teacher else "",
+                    "perturbed_win_rate": _csv_num(won / steps) if group[0].has_teacher and steps else "",
                     "wall_seconds": _csv_num(mean([float(r.summary.get("wall_seconds", 0.0)) for r in group]), 1),
                     "images_per_s": _csv_num(mean([float(r.summary.get("images_per_s", 0.0)) for r in group]), 1),
                 })
@@ -310,7 +297,7 @@ def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None
         for label, group in groups.items():
             nets = [i for _, i in _network_rows(group) if i is not None]
             n_nets = len(nets)
-            if group[0].is_cd:
+            if group[0].has_teacher:
                 share = " / ".join(_f(mean(_values(group, i, "teacher_share"))) for i in nets)
                 won = sum(int(r.summary.get("perturbed_won", 0)) for r in group)
                 steps = sum(int(r.summary.get("perturbed_steps", 0)) for r in group)

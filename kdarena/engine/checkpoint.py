@@ -107,13 +107,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def describe_mismatch(saved: dict[str, Any], current: dict[str, Any], keys=("models", "data.name", "method.name")) -> str | None:
-    """Name the first structural setting that differs between two config dicts."""
-    for key in keys:
-        a, b = saved, current
-        for part in key.split("."):
-            a = a.get(part) if isinstance(a, dict) else None
-            b = b.get(part) if isinstance(b, dict) else None
-        if a != b:
-            return f"{key} is {a!r} in the checkpoint but {b!r} now"
-    return None
+def load_network_state(path: Path, index: int, key: str = "method.teacher_checkpoint") -> dict[str, torch.Tensor]:
+    """One network's weights from a kdarena checkpoint (network ``index``) or a plain state_dict file."""
+    if not path.is_file():
+        raise ValueError(f"{key}={str(path)!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "group" in state:
+        prefix = f"networks.{index}."
+        state = {k[len(prefix):]: v for k, v in state["group"].items() if k.startswith(prefix)}
+        if not state:
+            raise ValueError(f"method.teacher_index={index} is not a network of {path}")
+    return state

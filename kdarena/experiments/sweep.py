@@ -3,7 +3,7 @@
 ``kdarena sweep CONFIG [key=value ...] --methods independent,dml,cd --seeds 0,1,2 --out DIR``
 
 * One run directory per method and seed, ``DIR/<label>-seed<S>`` (e.g. ``cd-seed0``).
-* A method is a registered short name (:data:`PRESETS`) or ``label:key=value;key=value``
+* A method is a registered short name (:func:`presets`, declared by each method class) or ``label:key=value;key=value``
   (a registered name with extra overrides, or a new label with its own overrides, e.g.
   ``cd-clean:method.name=cd;method.selection=clean``).
 * Order of overrides: the config file, then the command-line overrides, then the method's
@@ -22,28 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import config as cfg
-from .runlog import write_json
+from .. import config as cfg
+from ..methods import registry as method_registry
+from ..engine.runlog import write_json
 
 log = logging.getLogger("kdarena")
 
-#: Registered method names and the overrides that define them.
-PRESETS: dict[str, list[str]] = {
-    "independent": ["method.name=independent", "perturb.enabled=false"],
-    "dml": ["method.name=dml", "perturb.enabled=false"],
-    "cd": ["method.name=cd"],  # with the config's perturbation settings
-    "cd-noperturb": ["method.name=cd", "perturb.enabled=false"],
-    # the authors' released code: distil from every better peer, their op pool, every 10th batch
-    "cd-code": ["method.name=cd", "method.rule=better", "perturb.enabled=true", "perturb.ops=code", "perturb.every=10"],
-}
+def presets() -> dict[str, list[str]]:
+    """Registered sweep labels and the overrides that define them (each method class declares its own)."""
+    return method_registry.presets()
 
-#: Settings that may differ between a stored run and the sweep without making it another experiment.
-_IGNORED_KEYS = {
-    "name", "output",
-    "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
-    "train.device", "train.progress", "train.tensorboard", "train.threads", "train.stop_after_steps",
-    "train.checkpoint_every", "train.checkpoint_every_steps", "train.compile", "train.fused", "train.channels_last",
-}
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _SEED_SUFFIX = re.compile(r"-seed\d+$")
@@ -108,12 +96,13 @@ def parse_method(text: str) -> MethodSpec:
     extras = _split_top_level(rest, ";") if rest else []
     for item in extras:
         cfg.parse_override(item)  # raises ConfigError on a malformed item
-    if label not in PRESETS and not extras:
+    known = presets()
+    if label not in known and not extras:
         raise SweepError(
-            f"unknown method {label!r}; registered: {', '.join(PRESETS)}; "
+            f"unknown method {label!r}; registered: {', '.join(known)}; "
             f"or define one as LABEL:key=value;key=value (e.g. cd-clean:method.name=cd;method.selection=clean)"
         )
-    return MethodSpec(label, list(PRESETS.get(label, [])) + extras)
+    return MethodSpec(label, list(known.get(label, [])) + extras)
 
 
 def parse_methods(methods: str | Sequence[str]) -> list[MethodSpec]:
@@ -144,22 +133,12 @@ def parse_seeds(seeds: str | int | Sequence[int]) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- config comparison
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
 def config_difference(saved: dict[str, Any], planned: dict[str, Any]) -> str | None:
     """First setting (other than paths, logging and speed knobs) that differs, as one phrase."""
-    a, b = _flatten(saved), _flatten(planned)
+    a, b = cfg.flatten(saved), cfg.flatten(planned)
+    ignored = cfg.marked_keys("bookkeeping")
     for key in sorted(set(a) | set(b)):
-        if key in _IGNORED_KEYS:
+        if key in ignored:
             continue
         if a.get(key) != b.get(key):
             return f"{key} is {a.get(key)!r} there but {b.get(key)!r} in this sweep"
@@ -242,8 +221,8 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
               methods: str | Sequence[str] = "independent,dml,cd", seeds: str | Sequence[int] = "0,1,2",
               out: str | Path | None = None) -> list[dict[str, Any]]:
     """Run every method x seed into one experiment directory; returns the ``sweep.json`` run records."""
-    from .distributed import from_environment
-    from .trainer import Interrupted, train
+    from ..engine.distributed import from_environment
+    from ..trainer import Interrupted, train
 
     exp_dir, plans = plan_sweep(config_path, overrides, methods, seeds, out)
     specs, seed_list = parse_methods(methods), parse_seeds(seeds)

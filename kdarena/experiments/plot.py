@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .runlog import read_metrics
+from ..engine.runlog import read_metrics
+from ..methods import registry as method_registry
 
 _SEED_SUFFIX = re.compile(r"-seed(\d+)$")
 _SKIP_DIRS = {"checkpoints", "tensorboard", "plots"}
-_ORDER = ["independent", "dml", "cd", "cd-noperturb", "cd-code"]
 _TERMS = (("ce", "cross-entropy"), ("kd", "distillation KL"), ("feat", "feature loss"))
 
 
@@ -50,8 +50,9 @@ class _Run:
         return len(self.config.get("models") or []) or sum(1 for k in self.records[0] if k.endswith("/teacher_share"))
 
     @property
-    def is_cd(self) -> bool:
-        return (self.config.get("method") or {}).get("name") == "cd"
+    def has_teacher(self) -> bool:
+        method = method_registry.method_of(self.config)
+        return bool(method and method.has_teacher)
 
 
 def _load_config(run_dir: Path) -> dict[str, Any]:
@@ -103,7 +104,8 @@ def _groups(runs: list[_Run]) -> dict[str, list[_Run]]:
         groups[r.label].append(r)
     labels = list(groups)
     base = lambda l: l.rsplit("/", 1)[-1]  # noqa: E731
-    ordered = sorted(labels, key=lambda l: (_ORDER.index(base(l)) if base(l) in _ORDER else len(_ORDER), l))
+    order = method_registry.label_order()
+    ordered = sorted(labels, key=lambda l: (order.index(base(l)) if base(l) in order else len(order), l))
     return {l: sorted(groups[l], key=lambda r: r.seed) for l in ordered}
 
 
@@ -214,7 +216,7 @@ def _panel_grid(Figure, count: int, width: float, height: float, max_cols: int =
 
 
 def _teacher_share(Figure, groups, out: Path) -> str | None:
-    cd = {label: g for label, g in groups.items() if g[0].is_cd}
+    cd = {label: g for label, g in groups.items() if g[0].has_teacher}
     if not cd:
         return None
     fig, axes = _panel_grid(Figure, len(cd), 4.6, 3.8, sharey=True)

@@ -1,0 +1,1 @@
+"""Experiments: ``kdarena sweep`` (methods x seeds), ``kdarena report`` (tables) and ``kdarena plot``."""

@@ -1,0 +1,133 @@
+"""Competitive distillation (Shi, Diao, Chen, John; ICCV 2025)."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from .base import StepInput
+from .common import Distiller, DistillerParams, select_teacher
+from .registry import register_method
+
+SELECTIONS = ("own-batch", "clean", "smoothed")
+RULES = ("best", "better")
+
+
+class CompetitiveParams(DistillerParams):
+    beta: float = Field(0.0, ge=0, description="weight of the feature loss (paper: 1.0)")
+    rule: Literal["best", "better"] = Field("best", description="best: the argmin-CE network teaches (paper); "
+                                            "better: distil from every better network (authors' code)")
+    selection: Literal["own-batch", "clean", "smoothed"] = Field(
+        "own-batch", description="which CE picks the teacher: the CE on each network's own (perhaps perturbed) input "
+        "(paper), the perturbed network's CE on the clean batch, or an EMA of it")
+    smoothing: float = Field(0.9, ge=0, lt=1, description="selection=smoothed: EMA decay")
+
+
+@register_method("cd")
+class CompetitiveDistillation(Distiller):
+    """The lowest-CE network teaches; every other network distils from it.
+
+    ``rule="best"`` (paper): teacher T = argmin CE; L_T = CE_T; L_i = CE_i + alpha*KL(p_T||p_i) + beta*L_F.
+    ``rule="better"`` (authors' code): each network distils from every network with a lower CE,
+    the terms averaged over them; the best network gets CE only. Ties go to the lower index.
+
+    ``selection`` decides which CE picks the teacher: ``"own-batch"`` (paper: the CE on the
+    input each network was given, perturbed or not), ``"clean"`` (the perturbed network is
+    judged by its CE on the clean batch, from ``StepInput.clean_ce``) or ``"smoothed"`` (an
+    exponential moving average of the clean selection CE with decay ``smoothing``). Under
+    torchrun the selection CE is averaged over processes first, so every rank picks the same
+    teacher from the global batch.
+    """
+
+    label = "competitive distillation: the lowest-CE network of each batch teaches the others"
+    paper = "Shi et al., Competitive Distillation, ICCV 2025"
+    min_networks = 2
+    has_teacher = True
+    Params = CompetitiveParams
+    presets = {
+        "cd": ["method.name=cd"],  # with the config's perturbation settings
+        "cd-noperturb": ["method.name=cd", "perturb.enabled=false"],
+        # the authors' released code: distil from every better peer, their op pool, every 10th batch
+        "cd-code": ["method.name=cd", "method.rule=better", "perturb.enabled=true", "perturb.ops=code", "perturb.every=10"],
+    }
+
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, temperature: float = 1.0, rule: str = "best",
+                 selection: str = "own-batch", smoothing: float = 0.9, feature_reduction: str = "batchmean",
+                 feature_layers=None):
+        super().__init__(alpha, beta, temperature, feature_reduction, feature_layers)
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        self.rule, self.selection, self.smoothing = rule, selection, float(smoothing)
+        self._ema: Tensor | None = None
+
+    def selection_ce(self, step: StepInput, ce: Tensor) -> Tensor:
+        if step.selection_ce is not None:
+            return step.selection_ce.detach().to(ce.device, ce.dtype)
+        selection = ce
+        if self.selection != "own-batch" and step.perturbed is not None and step.clean_ce is not None:
+            selection = ce.clone()
+            selection[step.perturbed] = step.clean_ce(step.perturbed).to(ce.dtype)
+        if step.reduce_mean is not None:
+            selection = step.reduce_mean(selection.clone())
+        return selection
+
+    def _scores(self, selection: Tensor) -> Tensor:
+        if self.selection != "smoothed":
+            return selection
+        finite = torch.isfinite(selection)
+        if self._ema is None or self._ema.shape != selection.shape:
+            self._ema = selection.clone()
+        else:
+            self._ema = self._ema.to(selection.device)
+            updated = self.smoothing * self._ema + (1.0 - self.smoothing) * selection
+            self._ema = torch.where(finite, updated, self._ema)
+        # a network that diverges now is out now, whatever its history
+        return torch.where(finite, self._ema, selection)
+
+    def weights(self, ce, selection):
+        n = ce.shape[0]
+        scores = self._scores(selection)
+        scores = torch.where(torch.isfinite(ce), scores, torch.full_like(scores, float("nan")))
+        teacher_index, eligible = select_teacher(scores)
+        if self.rule == "best":
+            students = torch.arange(n, device=ce.device) != teacher_index
+            onehot = F.one_hot(teacher_index.clamp(min=0), n).bool() & (teacher_index >= 0)
+            weights = (students[:, None] & onehot[None, :]).float()
+            return weights, teacher_index
+        # "better": j is better than i if (score_j, j) < (score_i, i) and j is eligible
+        s = torch.where(eligible, scores, torch.full_like(scores, float("inf")))
+        index = torch.arange(n, device=ce.device)
+        better = (s[None, :] < s[:, None]) | ((s[None, :] == s[:, None]) & (index[None, :] < index[:, None]))
+        better = better & eligible[None, :]
+        weights = better.float() / better.sum(dim=1, keepdim=True).clamp(min=1).float()
+        return weights, teacher_index
+
+    @classmethod
+    def describe(cls, params, perturb) -> str:
+        parts = [cls.name, f"rule {params.get('rule', 'best')}"]
+        if params.get("selection", "own-batch") != "own-batch":
+            parts.append(f"selection {params.get('selection')}")
+        if params.get("beta"):
+            parts.append(f"β {params.get('beta')}")
+        if perturb.get("enabled"):
+            ops = perturb.get("ops")
+            ops = "+".join(ops) if isinstance(ops, list) else ops
+            when = f"p={perturb['probability']}" if perturb.get("probability") is not None else f"every {perturb.get('every', 1)}"
+            parts.append(f"perturb {ops} {when}")
+        else:
+            parts.append("no perturbation")
+        return ", ".join(parts)
+
+    def state_dict(self) -> dict:
+        return {"ema": None if self._ema is None else self._ema.detach().cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        ema = state.get("ema")
+        self._ema = None if ema is None else ema.clone()

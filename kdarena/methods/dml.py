@@ -1,0 +1,35 @@
+"""Deep Mutual Learning (Zhang, Xiang, Hospedales, Lu; CVPR 2018)."""
+from __future__ import annotations
+
+import torch
+
+from .common import Distiller, DistillerParams, no_teacher
+from .registry import register_method
+
+
+@register_method("dml")
+class DeepMutualLearning(Distiller):
+    """L_i = CE_i + alpha/(n-1) * sum_{j != i} KL(p_j || p_i), peers detached.
+
+    A peer whose CE is not finite is left out (and the average taken over the others), so
+    one diverged network cannot poison the group. ``beta > 0`` adds the same average of
+    feature losses (not in the paper; offered so DML and competitive distillation can be
+    compared with equal extras).
+    """
+
+    label = "deep mutual learning: every network distils from the mean of its peers"
+    paper = "Zhang et al., Deep Mutual Learning, CVPR 2018"
+    min_networks = 2
+    presets = {"dml": ["method.name=dml", "perturb.enabled=false"]}
+    Params = DistillerParams
+
+    def __init__(self, alpha: float = 1.0, temperature: float = 1.0, beta: float = 0.0, feature_reduction: str = "batchmean",
+                 feature_layers=None):
+        super().__init__(alpha, beta, temperature, feature_reduction, feature_layers)
+
+    def weights(self, ce, selection):
+        n = ce.shape[0]
+        eligible = torch.isfinite(selection) & torch.isfinite(ce)
+        peers = eligible[None, :] & ~torch.eye(n, dtype=torch.bool, device=ce.device)
+        weights = peers.float() / peers.sum(dim=1, keepdim=True).clamp(min=1).float()
+        return weights, no_teacher(ce)

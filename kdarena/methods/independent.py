@@ -1,0 +1,24 @@
+"""Independent training: every network alone on cross-entropy (the baseline every table starts from)."""
+from __future__ import annotations
+
+import torch
+
+from .base import GroupLosses, GroupMethod, StepInput
+from .common import check_logits, no_teacher, per_network_ce
+from .registry import register_method
+
+
+@register_method("independent")
+class Independent(GroupMethod):
+    """Every network trains alone on cross-entropy: L_i = CE_i."""
+
+    label = "independent training (cross-entropy only)"
+    paper = "baseline"
+    presets = {"independent": ["method.name=independent", "perturb.enabled=false"]}
+
+    def losses(self, step: StepInput) -> GroupLosses:
+        check_logits(step.logits, 1)
+        ce_list = per_network_ce(step.logits, step.targets)
+        ce = torch.stack(ce_list)
+        terms = {f"ce_{i}": c.detach() for i, c in enumerate(ce_list)}
+        return GroupLosses(ce_list, ce.sum(), ce.detach(), no_teacher(ce), terms)
