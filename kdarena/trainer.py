@@ -23,7 +23,7 @@ from . import __version__
 from .config import Config, dump, to_dict
 from .engine import checkpoint as ckpt, distributed as dist_utils, resume as resuming
 from .engine.build import Parts, build_parts
-from .engine.evaluate import autocast_context, evaluate
+from .engine.evaluate import autocast_context, evaluate, evaluate_network
 from .engine.recovery import NonFiniteLossError, handle_nonfinite
 from .engine.runlog import MetricsLog, atomic_write_text, prepare, read_metrics, write_json
 from .engine.stats import EpochStats, summarize
@@ -146,10 +146,11 @@ class Trainer:
             log.info("resumed from %s at epoch %d, batch %d", path, self.epoch, self.batch_in_epoch)
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> dict[str, Any]:
+    def train_step(self, x: Tensor, y: Tensor, index: Tensor | None = None, views: list[Tensor] | None = None) -> dict[str, Any]:
+        """One iteration on the batch (x, y); ``views``: the other networks' own augmentations of it (Needs.own_views)."""
         decision = self.perturber.decide(self.global_step) if self.perturber is not None else None
         mutated = self.mutations.before_step(self.global_step, self.group.networks) if self.mutations is not None else None
-        inputs, targets = self._perturbed_inputs(x, y, decision)
+        inputs, targets = self._perturbed_inputs(x, y, decision, views)
         out = self._forward(inputs, decision)
         step = self._step_input(out, targets, x, y, decision, index)
         losses = self.method.losses(step)
@@ -168,12 +169,14 @@ class Trainer:
             self.step_log.append(record)
         return record
 
-    def _perturbed_inputs(self, x: Tensor, y: Tensor, decision: Perturbation | None) -> tuple[Any, list]:
+    def _perturbed_inputs(self, x: Tensor, y: Tensor, decision: Perturbation | None, views: list[Tensor] | None) -> tuple[Any, list]:
         """The group's inputs and per-network targets: one network may see a perturbed view (mixed target)."""
+        own = [x, *views] if views else None  # network i's own augmentation of the batch
         if decision is None:
-            return x, [y] * self.n
-        x_p, t_p = self.perturber.apply(decision, x, y, self._sample_generator())
-        inputs = [x_p if i == decision.network else x for i in range(self.n)]
+            return own if own else x, [y] * self.n
+        base = own[decision.network] if own else x
+        x_p, t_p = self.perturber.apply(decision, base, y, self._sample_generator())
+        inputs = [x_p if i == decision.network else (own[i] if own else x) for i in range(self.n)]
         return inputs, [t_p if i == decision.network else y for i in range(self.n)]
 
     def _forward(self, inputs: Any, decision: Perturbation | None):
@@ -250,10 +253,10 @@ class Trainer:
         loader = self.data.train
         if self.needs.sample_index or self.needs.own_views:
             for batch in loader.iterate_batches(self.epoch, self.batch_in_epoch, views=self.n if self.needs.own_views else 1):
-                yield batch.x, batch.y, batch.index
+                yield batch.x, batch.y, batch.index, batch.views
         else:
             for x, y in loader.iterate(self.epoch, self.batch_in_epoch):
-                yield x, y, None
+                yield x, y, None, None
 
     def fit(self) -> dict[str, Any]:
         cfg = self.config
@@ -269,8 +272,8 @@ class Trainer:
                     progress = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False, dynamic_ncols=True,
                                     desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}", mininterval=0.5)
                 t_step = time.perf_counter()
-                for x, y, index in self._batches():
-                    record = self.train_step(x, y, index)
+                for x, y, index, views in self._batches():
+                    record = self.train_step(x, y, index, views)
                     self.global_step += 1
                     self.batch_in_epoch += 1
                     now = time.perf_counter()
@@ -332,6 +335,9 @@ class Trainer:
                 continue
             for key, value in evaluate(self.group, loader, self.device, precision).items():
                 record[f"{key.split('/')[0]}/{split}_{key.split('/')[1]}"] = value
+            for name, network in self.method.eval_networks().items():  # e.g. temporal-mean copies
+                for key, value in evaluate_network(network, loader, self.device, precision).items():
+                    record[f"{name}/{split}_{key}"] = value
 
     def _end_epoch(self, elapsed: float) -> None:
         cfg = self.config

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .distributed import all_reduce_sum
 from ..group import Group
@@ -18,20 +20,26 @@ def autocast_context(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(group: Group, loader, device: torch.device, precision: str = "fp32") -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and CE of each network (``net{i}/...``) and of the ensemble (``ensemble/...``)."""
-    was_training = group.training
-    group.eval()
-    n = len(group)
+def evaluate_networks(networks: Sequence[nn.Module], loader, device: torch.device, precision: str = "fp32",
+                      ensemble: bool = True) -> list[dict[str, float]]:
+    """Top-1 / top-5 accuracy (%) and mean CE of each network, then (``ensemble``) of the mean of their softmax."""
+    modes = [net.training for net in networks]
+    for net in networks:
+        net.eval()
+    n = len(networks)
+    rows = n + (1 if ensemble else 0)
     # rows: networks then ensemble; columns: top1 correct, top5 correct, summed CE
-    sums = torch.zeros(n + 1, 3, dtype=torch.float64, device=device)
+    sums = torch.zeros(rows, 3, dtype=torch.float64, device=device)
     count = torch.zeros(1, dtype=torch.float64, device=device)
     for x, y in loader:
         with autocast_context(device, precision):
-            logits = [net(x).float() for net in group.networks]
-        probs = torch.stack([F.softmax(z, dim=1) for z in logits]).mean(dim=0)
+            logits = [net(x).float() for net in networks]
+        scores_all = list(logits)
+        if ensemble:
+            probs = torch.stack([F.softmax(z, dim=1) for z in logits]).mean(dim=0)
+            scores_all.append(probs.clamp_min(1e-12).log())
         k = min(5, logits[0].shape[1])
-        for row, scores in enumerate([*logits, probs.clamp_min(1e-12).log()]):
+        for row, scores in enumerate(scores_all):
             top = scores.topk(k, dim=1).indices
             hits = top == y[:, None]
             sums[row, 0] += hits[:, 0].sum()
@@ -40,13 +48,19 @@ def evaluate(group: Group, loader, device: torch.device, precision: str = "fp32"
         count += y.shape[0]
     all_reduce_sum(sums)
     all_reduce_sum(count)
-    group.train(was_training)
+    for net, mode in zip(networks, modes):
+        net.train(mode)
     total = max(float(count.item()), 1.0)
-    values = sums.tolist()
-    out = {}
-    for row in range(n + 1):
-        key = f"net{row}" if row < n else "ensemble"
-        out[f"{key}/top1"] = 100.0 * values[row][0] / total
-        out[f"{key}/top5"] = 100.0 * values[row][1] / total
-        out[f"{key}/loss"] = values[row][2] / total
-    return out
+    return [{"top1": 100.0 * v[0] / total, "top5": 100.0 * v[1] / total, "loss": v[2] / total} for v in sums.tolist()]
+
+
+def evaluate(group: Group, loader, device: torch.device, precision: str = "fp32") -> dict[str, float]:
+    """Every network of the group (``net{i}/top1``, ``/top5``, ``/loss``) and their ensemble (``ensemble/...``)."""
+    results = evaluate_networks(list(group.networks), loader, device, precision)
+    names = [f"net{i}" for i in range(len(group))] + ["ensemble"]
+    return {f"{name}/{key}": value for name, result in zip(names, results) for key, value in result.items()}
+
+
+def evaluate_network(network: nn.Module, loader, device: torch.device, precision: str = "fp32") -> dict[str, float]:
+    """One network alone: ``{"top1", "top5", "loss"}``."""
+    return evaluate_networks([network], loader, device, precision, ensemble=False)[0]

@@ -179,6 +179,11 @@ class GroupMethod:
     def after_step(self, networks: Sequence[nn.Module], losses: GroupLosses, step: StepInput) -> None:
         """Called after the optimizer step (e.g. to update temporal-mean copies)."""
 
+    def eval_networks(self) -> dict[str, nn.Module]:
+        """Extra networks the trainer evaluates each epoch besides the group's (name -> module), e.g.
+        temporal-mean copies; their accuracies are logged as ``<name>/val_top1``, ``<name>/test_top1``."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 
