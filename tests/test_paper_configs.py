@@ -81,6 +81,9 @@ def test_authors_code_perturbation(authors):
     assert list(noise["clamp"]) == pytest.approx([0.0, 1.0])
     jitter = _params(p.op_params, "jitter")
     assert list(jitter["clamp"]) == pytest.approx([0.0, 1.0])
+    assert jitter["contrast"] == pytest.approx(0.15) and jitter["saturation"] == pytest.approx(0.15)
+    assert list(_params(p.op_params, "blur")["sigma"]) == pytest.approx([0.1, 2.0])
+    assert _params(p.op_params, "rotate")["max_degrees"] == pytest.approx(30.0)
 
 
 def test_noise_clamp_is_only_in_the_authors_config():
