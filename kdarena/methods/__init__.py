@@ -16,6 +16,10 @@ from .independent import Independent  # noqa: E402,I001
 from .dml import DeepMutualLearning  # noqa: E402
 from .cd import CompetitiveDistillation  # noqa: E402
 from .kd import KnowledgeDistillation, freeze  # noqa: E402
+from .kdcl import KDCL  # noqa: E402
+from .pcl import PeerCollaborativeLearning  # noqa: E402
+from .pskd import ProgressiveSelfKD  # noqa: E402
+from .one import OnTheFlyNativeEnsemble  # noqa: E402
 
 __all__ = [
     "CompetitiveDistillation",
@@ -23,10 +27,14 @@ __all__ = [
     "GroupLosses",
     "GroupMethod",
     "Independent",
+    "KDCL",
     "KnowledgeDistillation",
     "MethodContext",
     "MethodParams",
     "Needs",
+    "OnTheFlyNativeEnsemble",
+    "PeerCollaborativeLearning",
+    "ProgressiveSelfKD",
     "StepInput",
     "freeze",
     "pairwise_feature_l2",
