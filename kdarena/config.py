@@ -137,6 +137,11 @@ class TrainConfig(_Section):
     stop_after_steps: Optional[int] = Field(None, ge=1, json_schema_extra=BOOKKEEPING, description="checkpoint and stop at this global step (testing resume)")
     step_log: bool = Field(False, description="write every step's teacher, losses and perturbation to steps.rank<r>.jsonl in the run dir (testing/debugging)")
     nonfinite: Literal["skip", "rebirth", "stop"] = Field("skip", json_schema_extra=RESUMABLE)
+    host_every: Optional[int] = Field(
+        None, ge=1, le=1000, json_schema_extra=BOOKKEEPING,
+        description="read the step's losses and logs on the host every k steps (the device never waits in between; "
+        "train.nonfinite=skip is then decided on the device and stop is raised when read, up to k-1 steps late). "
+        "Default: 1 on CPU, 8 on CUDA; rebirth and weight mutation need 1")
     sync_batchnorm: bool = False
     progress: bool = Field(True, json_schema_extra=BOOKKEEPING)
     tensorboard: bool = Field(True, json_schema_extra=BOOKKEEPING)
@@ -189,6 +194,13 @@ class Config(_Section):
             raise _KeyValueError("data.val_size", self.data.val_size, "a fraction must be in (0, 1); use an integer for a count")
         return self
 
+    def host_every(self, device_type: str) -> int:
+        """How often the host reads the step's numbers (train.host_every, or its default for the device)."""
+        if self.train.host_every is not None:
+            return self.train.host_every
+        needs_every_step = self.train.nonfinite == "rebirth" or self.perturb.parameters.enabled
+        return 8 if device_type == "cuda" and not needs_every_step else 1
+
     def check_runtime(self, device_type: str, distributed: bool) -> None:
         """The checks that need the resolved device and the process count (the trainer calls this once)."""
         t = self.train
@@ -197,6 +209,10 @@ class Config(_Section):
         if t.fused and device_type == "cuda" and t.precision == "fp32" and t.channels_last:
             # Seen on an H200 with torch 2.11: "NYI: querying is_contiguous inside of vmap" in the fp32 conv path.
             raise ConfigError("train.fused=true with precision fp32 on CUDA needs train.channels_last=false (vmap limitation)")
+        if (t.host_every or 1) > 1 and (t.nonfinite == "rebirth" or self.perturb.parameters.enabled):
+            what = "train.nonfinite=rebirth" if t.nonfinite == "rebirth" else "perturb.parameters.enabled=true"
+            raise ConfigError(f"train.host_every={t.host_every} cannot be combined with {what}: it acts on the host after "
+                              "every step; set train.host_every=1")
         if t.fused and distributed:
             raise ConfigError("train.fused supports single-process training only; set train.fused=false with torchrun")
 

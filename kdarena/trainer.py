@@ -27,10 +27,11 @@ from .engine.evaluate import autocast_context, evaluate, evaluate_network
 from .engine.recovery import NonFiniteLossError, handle_nonfinite
 from .engine.runlog import MetricsLog, atomic_write_text, prepare, read_metrics, write_json
 from .engine.stats import EpochStats, summarize
-from .engine.step_values import StepValues, gather
+from .engine.device_skip import DeviceSkip
+from .engine.step_values import Packed, PendingValues, StepValues, pack
 from .losses import cross_entropy
 from .methods import GroupLosses, StepInput
-from .perturb import Perturbation, frozen_bn_stats
+from .perturb import GroupBatchNormSnapshot, Perturbation, frozen_bn_stats
 from .rng import keyed_seed
 
 log = logging.getLogger("kdarena")
@@ -66,6 +67,10 @@ class Trainer:
         self.n = len(self.group)
         self.needs = self.method.needs
         self.steps_per_epoch = len(self.data.train)
+        # Read each step's numbers on the host every step, or every k steps (no device sync in between).
+        self.host_every = config.host_every(self.device.type)
+        self.pending = PendingValues()
+        self.device_skip = DeviceSkip([self.group.network_parameters(i) for i in range(self.n)], self.optimizer)
 
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -113,6 +118,7 @@ class Trainer:
         }
 
     def save(self, name: str = "last.pt") -> None:
+        self.read_pending()  # a checkpoint holds the epoch's statistics: every step must be counted first
         if self.is_main:
             ckpt.save_atomic(self.state_dict(), self.checkpoint_dir / name)
         dist_utils.barrier()
@@ -146,24 +152,62 @@ class Trainer:
             log.info("resumed from %s at epoch %d, batch %d", path, self.epoch, self.batch_in_epoch)
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, x: Tensor, y: Tensor, index: Tensor | None = None, views: list[Tensor] | None = None) -> dict[str, Any]:
-        """One iteration on the batch (x, y); ``views``: the other networks' own augmentations of it (Needs.own_views)."""
-        decision = self.perturber.decide(self.global_step) if self.perturber is not None else None
-        mutated = self.mutations.before_step(self.global_step, self.group.networks) if self.mutations is not None else None
+    def train_step(self, x: Tensor, y: Tensor, index: Tensor | None = None, views: list[Tensor] | None = None) -> dict[str, Any] | None:
+        """One iteration on the batch (x, y); ``views``: the other networks' own augmentations of it (Needs.own_views).
+
+        Returns the step's record, or None while its numbers wait on the device (``train.host_every`` > 1).
+        """
+        context = (self.global_step, *self._decisions())
+        decision, mutated = context[1], context[2]
         inputs, targets = self._perturbed_inputs(x, y, decision, views)
+        bn_stats = GroupBatchNormSnapshot(self.group.networks)  # a non-finite batch must not reach running statistics
         out = self._forward(inputs, decision)
         step = self._step_input(out, targets, x, y, decision, index)
         losses = self.method.losses(step)
         self._backward(losses)
-        values = self._host_values(losses, out.logits, y)
-        if values.nonfinite:
-            handle_nonfinite(self, values.nonfinite, values.teacher)
+        packed = self._pack(losses, out.logits, y)
+        if self.host_every == 1:  # read now: the host applies train.nonfinite before the optimizer step
+            values = packed.values(packed.tensor.tolist())
+            if values.nonfinite:
+                bn_stats.restore_where([i in values.nonfinite for i in range(self.n)])
+                handle_nonfinite(self, values.nonfinite, values.teacher)
+            self._optimizer_step()
+            if self.mutations is not None:
+                self.mutations.after_step(values.teacher, self.group.networks)
+            self.method.after_step(self.group.networks, losses, step)
+            return self._account(values, context)
+        finite = packed.finite  # on the device: skip diverged networks without waiting for the host
+        bn_stats.restore_where(~finite)
+        saved = self.device_skip.before_step(finite)
         self._optimizer_step()
-        if self.mutations is not None:
-            self.mutations.after_step(values.teacher, self.group.networks)
+        self.device_skip.after_step(finite, saved)
         self.method.after_step(self.group.networks, losses, step)
+        self.pending.push(packed, context)
+        return self.read_pending() if len(self.pending) >= self.host_every else None
+
+    def _decisions(self) -> tuple[Perturbation | None, int | None]:
+        """This step's input perturbation and weight mutation (host-side seeded generators: no device sync)."""
+        decision = self.perturber.decide(self.global_step) if self.perturber is not None else None
+        mutated = self.mutations.before_step(self.global_step, self.group.networks) if self.mutations is not None else None
+        return decision, mutated
+
+    def read_pending(self) -> dict[str, Any] | None:
+        """Read the steps whose numbers wait on the device (one transfer) and account for them in order."""
+        record = None
+        for values, context in self.pending.drain():
+            if values.nonfinite:
+                if self.config.train.nonfinite == "stop":
+                    handle_nonfinite(self, values.nonfinite, values.teacher, step=context[0])  # raises
+                for i in values.nonfinite:  # the device already left them untouched (DeviceSkip)
+                    self.stats.skipped[i] += 1
+            record = self._account(values, context)
+        return record
+
+    def _account(self, values: StepValues, context: tuple) -> dict[str, Any]:
+        """Add a step to the epoch's statistics and the step log."""
+        step_number, decision, mutated = context
         self.stats.add(values, decision)
-        record = {"step": self.global_step, "teacher": values.teacher, "losses": values.losses, "mutated": mutated,
+        record = {"step": step_number, "teacher": values.teacher, "losses": values.losses, "mutated": mutated,
                   "perturbation": None if decision is None else (decision.network, decision.op, decision.lam)}
         if self.step_log is not None:
             self.step_log.append(record)
@@ -187,7 +231,7 @@ class Trainer:
 
     def _step_input(self, out, targets: list, x: Tensor, y: Tensor, decision: Perturbation | None, index: Tensor | None) -> StepInput:
         return StepInput(
-            logits=out.logits, targets=targets, features=out.features, adapt=self.group.adapt, x=x, y=y,
+            logits=out.logits, targets=targets, features=out.features, extras=out.extras, adapt=self.group.adapt, x=x, y=y,
             perturbed=None if decision is None else decision.network,
             clean_ce=lambda i: self._clean_ce(x, y, i),
             reduce_mean=dist_utils.all_reduce_mean if self.info.enabled else None,
@@ -206,10 +250,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses.total).backward()
 
-    def _host_values(self, losses: GroupLosses, logits: list[Tensor], y: Tensor) -> StepValues:
+    def _pack(self, losses: GroupLosses, logits: list[Tensor], y: Tensor) -> Packed:
         if self.info.enabled:
-            return gather(losses, logits, y, dist_utils.all_reduce_sum, self.info.world_size)
-        return gather(losses, logits, y)
+            return pack(losses, logits, y, dist_utils.all_reduce_sum, self.info.world_size)
+        return pack(losses, logits, y)
 
     def _optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)
@@ -279,13 +323,15 @@ class Trainer:
                     now = time.perf_counter()
                     self.stats.seconds += now - t_step
                     if progress is not None:
-                        teacher = record["teacher"]
-                        progress.set_postfix(loss=f"{sum(record['losses']) / self.n:.3f}", acc=f"{self.stats.train_accuracy():.1f}",
-                                             teacher=teacher if teacher >= 0 else "-", refresh=False)
+                        if record is not None:
+                            teacher = record["teacher"]
+                            progress.set_postfix(loss=f"{sum(record['losses']) / self.n:.3f}", acc=f"{self.stats.train_accuracy():.1f}",
+                                                 teacher=teacher if teacher >= 0 else "-", refresh=False)
                         progress.update(1)
                     if self._after_step_io():
                         return {"stopped_at_step": self.global_step}
                     t_step = time.perf_counter()
+                self.read_pending()
                 if progress is not None:
                     progress.close()
                     progress = None

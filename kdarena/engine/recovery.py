@@ -16,12 +16,12 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def handle_nonfinite(trainer: "Trainer", bad: list[int], teacher: int) -> None:
-    """Apply the policy to the networks ``bad`` before the optimizer step."""
+def handle_nonfinite(trainer: "Trainer", bad: list[int], teacher: int, step: int | None = None) -> None:
+    """Apply the policy to the networks ``bad`` before the optimizer step (``step``: the step, when read late)."""
     policy = trainer.config.train.nonfinite
     if policy == "stop":
         raise NonFiniteLossError(
-            f"network(s) {bad} produced a non-finite loss at step {trainer.global_step} (epoch {trainer.epoch}); "
+            f"network(s) {bad} produced a non-finite loss at step {trainer.global_step if step is None else step} (epoch {trainer.epoch}); "
             f"the last checkpoint is in {trainer.checkpoint_dir}; lower optim.lr, set optim.grad_clip, "
             f"or choose train.nonfinite=skip or rebirth"
         )
