@@ -74,12 +74,25 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("dirs", nargs="+")
     report.add_argument("--out", help="where to write report.md and report.csv (default: the first directory)")
     report.add_argument("--best-on-test", action="store_true", help="also report the best test accuracy (selected on test; labelled so)")
+    report.add_argument("--baseline", default="independent,dml",
+                        help="comma-separated methods every other method is compared with, seed by seed (paired 95%% intervals)")
     report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     plot = sub.add_parser("plot", help="PNG plots of a run or an experiment directory")
     plot.add_argument("path")
     plot.add_argument("--out", help="folder for the PNGs (default: PATH/plots)")
     plot.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    data = sub.add_parser("data", help="look at a data set: kdarena data inspect ROOT")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    inspect = data_sub.add_parser("inspect", help="classes, counts, size, mean/std, cache; a PNG grid of samples per class")
+    inspect.add_argument("root", help="a folder or .tar/.tar.gz/.zip of train/ and val/ (or test/) class folders")
+    inspect.add_argument("--name", choices=["imagefolder", "tiny_imagenet"], default="imagefolder")
+    inspect.add_argument("--image-size", type=int, default=None, help="resize on decode (default: the images' own size up to 64 px)")
+    inspect.add_argument("--out", help="PNG of sample images (default: NAME-samples.png here)")
+    inspect.add_argument("--workers", type=int, default=2, help="decode processes")
+    inspect.add_argument("--cache-max-gb", type=float, default=4.0)
+    inspect.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
@@ -174,7 +187,8 @@ def _cmd_sweep(args) -> int:
 def _cmd_report(args) -> int:
     from .experiments.report import write_report
 
-    print(write_report(args.dirs, args.out, best_on_test=args.best_on_test))
+    baselines = [b for b in args.baseline.split(",") if b]
+    print(write_report(args.dirs, args.out, best_on_test=args.best_on_test, baselines=baselines))
     return 0
 
 
@@ -186,7 +200,15 @@ def _cmd_plot(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "models": _cmd_models, "methods": _cmd_methods, "sweep": _cmd_sweep, "report": _cmd_report, "plot": _cmd_plot}
+def _cmd_data(args) -> int:
+    from .data.inspect import inspect_images
+
+    text, _ = inspect_images(args.root, args.name, args.image_size, args.out, workers=args.workers, cache_max_gb=args.cache_max_gb)
+    print(text)
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "models": _cmd_models, "methods": _cmd_methods, "sweep": _cmd_sweep, "report": _cmd_report, "plot": _cmd_plot, "data": _cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,8 @@
 """
 from __future__ import annotations
 
-from .datasets import DATASETS, ArrayDataset, cache_dir, load_arrays, search_dirs
+from .datasets import ArrayDataset, cache_dir, search_dirs
+from .registry import DATASETS, load_arrays
 from .folder_loader import FolderLoader
 from .imagefolder import IMAGENET_MEAN, IMAGENET_STD, BadImageError, ImageFolder, load_imagefolder
 from .split import split_validation

@@ -1,6 +1,8 @@
 """Turn the ``data`` section of a :class:`~kdarena.config.Config` into train / val / test loaders."""
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -8,11 +10,14 @@ from typing import Any
 import torch
 
 from ..config import Config, ConfigError
-from .datasets import load_arrays
+from .datasets import ArrayDataset
+from .registry import load_arrays
 from .split import split_validation
 from .tensor_loader import TensorLoader
 
 CIFAR_LIKE = ("cifar10", "cifar100")
+IMAGE_SETS = ("imagefolder", "tiny_imagenet")  # folders / archives of image files
+log = logging.getLogger("kdarena")
 
 
 @dataclass
@@ -25,9 +30,25 @@ class DataBundle:
     classes: list[str]
 
 
-def _array_loaders(config: Config, device: torch.device, rank: int, world: int) -> DataBundle:
+def _normalisation_override(config: Config, sets: list[ArrayDataset]) -> None:
+    """Apply data.mean / data.std (one value per channel) to every split."""
     d = config.data
-    train, test = load_arrays(d.name, root=d.root, download=d.download)
+    channels = sets[0].channels
+    for key, values in (("mean", d.mean), ("std", d.std)):
+        if values is None:
+            continue
+        if len(values) != channels:
+            raise ConfigError(f"data.{key}={values} has {len(values)} values for {channels}-channel images; give {channels}")
+        if key == "std" and any(not v > 0 for v in values):
+            raise ConfigError(f"data.std={values} must be > 0 everywhere")
+        for ds in sets:
+            setattr(ds, key, tuple(float(v) for v in values))
+
+
+def _array_loaders(config: Config, device: torch.device, rank: int, world: int, arrays=None) -> DataBundle:
+    d = config.data
+    train, test = arrays if arrays is not None else load_arrays(d.name, root=d.root, download=d.download)
+    _normalisation_override(config, [train, test])
     if d.train_subset is not None and d.train_subset < len(train):
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(d.val_seed))
         train = train.subset(order[: d.train_subset])
@@ -42,11 +63,14 @@ def _array_loaders(config: Config, device: torch.device, rank: int, world: int) 
             f"data.batch_size={d.batch_size} (x {world} processes) is larger than the training set "
             f"({len(train)} samples); use a smaller batch size"
         )
-    crop = d.crop_padding if d.crop_padding is not None else (4 if d.name in CIFAR_LIKE else 0)
-    flip = d.flip if d.flip is not None else d.name in CIFAR_LIKE
+    images = d.name in IMAGE_SETS  # decoded photos: CIFAR-style crop (1/8 of the side) and flip by default
+    default_crop = 4 if d.name in CIFAR_LIKE else (train.image_shape[-1] // 8 if images else 0)
+    crop = d.crop_padding if d.crop_padding is not None else default_crop
+    flip = d.flip if d.flip is not None else (d.name in CIFAR_LIKE or images)
     channels_last = config.train.channels_last
     common = dict(device=device, rank=rank, world_size=world, channels_last=channels_last)
-    train_loader = TensorLoader(train, d.batch_size, train=True, seed=config.seed, crop_padding=crop, flip=flip, **common)
+    augment = dict(rotation=d.rotation) if d.rotation else {}  # absent: the loader draws exactly as before
+    train_loader = TensorLoader(train, d.batch_size, train=True, seed=config.seed, crop_padding=crop, flip=flip, **common, **augment)
     eval_loader = lambda ds: TensorLoader(ds, d.eval_batch_size, train=False, **common)  # noqa: E731
     return DataBundle(
         train_loader,
@@ -69,8 +93,9 @@ def _folder_loaders(config: Config, device: torch.device, rank: int, world: int)
     test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise ConfigError(f"data.root={d.root!r} must contain train/ and val/ (or test/) folders of class sub-folders")
-    train = ImageFolder(str(root / "train"), d.image_size, skip_bad=d.skip_bad_images)
-    test = ImageFolder(str(test_dir), d.image_size, skip_bad=d.skip_bad_images)
+    size = d.image_size or 224  # only folders too large to decode into memory come here
+    train = ImageFolder(str(root / "train"), size, skip_bad=d.skip_bad_images)
+    test = ImageFolder(str(test_dir), size, skip_bad=d.skip_bad_images)
     if test.classes != train.classes:
         raise ConfigError(f"{test_dir} has classes {test.classes[:5]}... but train/ has {train.classes[:5]}...; they must match")
     train_idx = list(range(len(train)))
@@ -87,7 +112,11 @@ def _folder_loaders(config: Config, device: torch.device, rank: int, world: int)
         train_idx = train_idx[: d.train_subset]
     if d.batch_size * world > len(train_idx):
         raise ConfigError(f"data.batch_size={d.batch_size} (x {world} processes) is larger than the training set ({len(train_idx)} images)")
-    common = dict(device=device, rank=rank, world_size=world, num_workers=d.num_workers, channels_last=config.train.channels_last)
+    if d.rotation:
+        raise ConfigError(f"data.rotation={d.rotation} works on in-memory data sets only; this folder is streamed "
+                          f"(over data.cache_max_gb={d.cache_max_gb}): raise data.cache_max_gb or set data.rotation=0")
+    norm = dict(mean=d.mean, std=d.std)
+    common = dict(device=device, rank=rank, world_size=world, num_workers=d.num_workers, channels_last=config.train.channels_last, **norm)
     subset = torch.utils.data.Subset
     train_loader = FolderLoader(subset(train, train_idx), d.batch_size, train=True, seed=config.seed, flip=d.flip is not False, **common)
     val_loader = FolderLoader(subset(train, val_idx), d.eval_batch_size, train=False, **common) if val_idx else None
@@ -95,7 +124,27 @@ def _folder_loaders(config: Config, device: torch.device, rank: int, world: int)
     return DataBundle(train_loader, val_loader, test_loader, train.num_classes, train.channels, list(train.classes))
 
 
+def _image_arrays(config: Config, rank: int):
+    """Decoded (train, test) of an image folder / archive, or None when it must be streamed."""
+    from .images import load_image_set
+
+    d = config.data
+    workers = max(1, min(d.num_workers, os.cpu_count() or 1))
+    got = load_image_set(d.root, d.name, d.image_size, cache_max_gb=d.cache_max_gb, workers=workers,
+                         skip_bad=d.skip_bad_images, progress=config.train.progress and rank == 0, download=d.download)
+    if got is None:
+        return None
+    train, test, info = got
+    log.info("%s: %d train + %d %s images of %dx%d, %d classes (%s %.1fs; cache %s)", info.root, len(train), len(test),
+             info.test_split, info.image_size, info.image_size, len(info.classes),
+             "loaded in" if info.from_cache else "decoded in", info.seconds, info.cache)
+    return train, test
+
+
 def build_data(config: Config, device: torch.device, rank: int = 0, world: int = 1) -> DataBundle:
-    if config.data.name == "imagefolder":
-        return _folder_loaders(config, device, rank, world)
+    if config.data.name in IMAGE_SETS:
+        arrays = _image_arrays(config, rank)
+        if arrays is None:
+            return _folder_loaders(config, device, rank, world)
+        return _array_loaders(config, device, rank, world, arrays)
     return _array_loaders(config, device, rank, world)

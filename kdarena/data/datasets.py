@@ -1,4 +1,4 @@
-"""In-memory data sets (:class:`ArrayDataset`) and the registry behind :func:`load_arrays`.
+"""In-memory data sets (:class:`ArrayDataset`) and where data files are searched.
 
 Every small data set (Fashion-MNIST, CIFAR-10/100, scikit-learn digits) is held as one
 ``uint8`` tensor of shape ``(N, C, H, W)`` plus ``int64`` labels; the loaders in
@@ -15,6 +15,10 @@ Where files are searched (:func:`search_dirs`), in order:
 4. the system directories in :data:`SYSTEM_DATA_DIRS` (``/usr/share/datasets``, where the Debian
    package ``dataset-fashion-mnist`` installs its files).
 
+The registry of named data sets (:func:`~kdarena.data.registry.load_arrays`) lives in
+:mod:`kdarena.data.registry`, which imports the loader modules; they import only this module,
+so there is no import cycle.
+
 Tests override the last two by setting ``HOME``/``KDARENA_CACHE`` and monkeypatching
 :data:`SYSTEM_DATA_DIRS`.
 """
@@ -22,12 +26,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-
-#: Names accepted by :func:`load_arrays`.
-DATASETS: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "digits")
 
 #: System-wide directories searched last (each data set looks in its own sub-directory).
 SYSTEM_DATA_DIRS: list[str] = ["/usr/share/datasets"]
@@ -156,40 +157,3 @@ def search_dirs(root: str | None, subdirs: Sequence[str]) -> list[str]:
             if c not in out:
                 out.append(c)
     return out
-
-
-def _loaders() -> dict[str, Callable[..., tuple[ArrayDataset, ArrayDataset]]]:
-    # Imported lazily: the loader modules import ArrayDataset from here.
-    from .cifar import load_cifar10, load_cifar100
-    from .digits import load_digits
-    from .fashion_mnist import load_fashion_mnist
-
-    return {
-        "fashion_mnist": load_fashion_mnist,
-        "cifar10": load_cifar10,
-        "cifar100": load_cifar100,
-        "digits": load_digits,
-    }
-
-
-def load_arrays(
-    name: str, root: str | None = None, download: bool = False
-) -> tuple[ArrayDataset, ArrayDataset]:
-    """Load the (train, test) split of a small data set fully into memory.
-
-    ``name`` is one of :data:`DATASETS`.  ``root`` is searched first; with ``download=True`` a
-    missing data set is fetched (into ``root`` when given, else into :func:`cache_dir`).
-    """
-    key = str(name).lower().replace("-", "_")
-    aliases = {"fashionmnist": "fashion_mnist", "cifar_10": "cifar10", "cifar_100": "cifar100"}
-    key = aliases.get(key, key)
-    loaders = _loaders()
-    if key not in loaders:
-        hint = (
-            " Image folders are loaded with kdarena.data.load_imagefolder / ImageFolder and "
-            "FolderLoader, not load_arrays."
-            if key == "imagefolder"
-            else " (for a folder of images, use 'imagefolder', which goes through load_imagefolder)."
-        )
-        raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}.{hint}")
-    return loaders[key](root=root, download=download)

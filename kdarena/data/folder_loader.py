@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .imagefolder import IMAGENET_MEAN, IMAGENET_STD
-from .tensor_loader import EpochLoader, _check_common, batch_spans, epoch_generator, normalisation
+from .tensor_loader import Batch, EpochLoader, _check_common, batch_spans, epoch_generator, normalisation
 
 
 class _EpochBatches(Sampler):
@@ -139,6 +139,14 @@ class FolderLoader(EpochLoader):
         else:
             order = torch.arange(n)
         return order, rrc, flips
+
+    def _generate_batches(self, epoch: int, start_batch: int, views: int) -> Iterator[Batch]:
+        if views > 1:
+            raise ValueError(f"views={views}: streamed image folders give one view per image; decode the set into "
+                             "memory (data.cache_max_gb) for several views")
+        order = self.epoch_plan(epoch)[0]
+        for (a, b), (x, y) in zip(self._spans[start_batch:], self._generate(epoch, start_batch)):
+            yield Batch(x, y, order[a:b].to(x.device), [])
 
     def _generate(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         spans = self._spans[start_batch:]

@@ -26,7 +26,8 @@ not per batch, since batch counts may differ by one across ranks.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import math
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,21 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     g = torch.Generator(device="cpu")
     g.manual_seed(epoch_seed(seed, epoch))
     return g
+
+
+def view_seed(seed: int, view: int) -> int:
+    """Seed of extra augmented view ``view >= 1``: a separate stream, so view 0 draws as before."""
+    return _splitmix64((int(seed) & _MASK64) ^ _splitmix64(0x7669657700000000 + int(view))) >> 1
+
+
+class Batch(NamedTuple):
+    """One training batch: ``index`` (int64) holds the samples' positions in the loader's data set;
+    ``views`` holds ``views - 1`` extra, independently augmented copies of the same images."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+    views: list
 
 
 def batch_spans(
@@ -122,13 +138,29 @@ class EpochLoader:
     def _generate(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
+    def iterate_batches(self, epoch: int, start_batch: int = 0, views: int = 1) -> Iterator[Batch]:
+        """Like :meth:`iterate`, as :class:`Batch` es with sample indices and ``views - 1`` extra views.
+
+        ``Batch.x``/``y`` are exactly what :meth:`iterate` yields (the extra views draw from their own
+        generators, see :func:`view_seed`).
+        """
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise ValueError(f"views must be an int >= 1, got {views!r}")
+        return self._generate_batches(int(epoch), int(start_batch), views)
+
+    def _generate_batches(self, epoch: int, start_batch: int, views: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
 
 class TensorLoader(EpochLoader):
     """Iterates ``(x, y)`` batches of an :class:`ArrayDataset` held on ``device``.
 
     ``x`` is normalised (dataset mean/std), ``dtype``, shape ``(b, C, H, W)``; ``y`` is int64.
     ``train=True`` shuffles and augments (``crop_padding``: random crop after zero padding, 4 for
-    CIFAR; ``flip``: random horizontal flip) and drops the last incomplete global batch unless
+    CIFAR; ``flip``: random horizontal flip; ``rotation``: random rotation by up to that many
+    degrees, nearest pixel, zero fill, after crop and flip) and drops the last incomplete global batch unless
     ``drop_last=False``.  ``train=False`` keeps the natural order, never augments and never drops
     (``drop_last`` is ignored).  See the module docstring for the distributed contract.
     """
@@ -147,8 +179,11 @@ class TensorLoader(EpochLoader):
         world_size: int = 1,
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
+        rotation: float = 0.0,
     ) -> None:
         _check_common(batch_size, rank, world_size)
+        if not 0 <= rotation <= 180:
+            raise ValueError(f"rotation must lie in [0, 180] degrees, got {rotation}")
         if not isinstance(dataset, ArrayDataset):
             raise TypeError(f"TensorLoader needs an ArrayDataset, got {type(dataset).__name__}")
         if crop_padding < 0:
@@ -162,6 +197,7 @@ class TensorLoader(EpochLoader):
         self.seed = int(seed)
         self.crop_padding = int(crop_padding) if self.train else 0
         self.flip = bool(flip) and self.train
+        self.rotation = float(rotation) if self.train else 0.0
         self.drop_last = (self.train if drop_last is None else bool(drop_last)) and self.train
         self.rank = rank
         self.world_size = world_size
@@ -179,6 +215,7 @@ class TensorLoader(EpochLoader):
         self.labels = dataset.labels.to(self.device)
         self._scale, self._bias = normalisation(dataset.mean, dataset.std, self.device)
         self._plan_cache: tuple[int, tuple[torch.Tensor, ...]] | None = None
+        self._view_cache: dict[int, tuple[int, tuple]] = {}
 
     # ------------------------------------------------------------------ interface
     @property
@@ -191,38 +228,70 @@ class TensorLoader(EpochLoader):
 
         Augmentation parameters are indexed by *position* in the epoch order.
         """
+        return self._plan(epoch)[:3]  # type: ignore[return-value]
+
+    def _plan(self, epoch: int) -> tuple:
+        """``epoch_plan`` plus rotation angles (N,) in degrees, drawn last so they change nothing before."""
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
-            return self._plan_cache[1]  # type: ignore[return-value]
+            return self._plan_cache[1]
         n = len(self.dataset)
-        offsets = flips = None
         if self.train:
             g = epoch_generator(self.seed, epoch)
             order = torch.randperm(n, generator=g)
-            if self.crop_padding > 0:
-                offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g)
-            if self.flip:
-                flips = torch.randint(0, 2, (n,), generator=g).bool()
+            plan = (order,) + self._draw_augment(g, n)
         else:
-            order = torch.arange(n)
-        plan = tuple(t.to(self.device) if t is not None else None for t in (order, offsets, flips))
+            plan = (torch.arange(n), None, None, None)
+        plan = tuple(t.to(self.device) if t is not None else None for t in plan)
         self._plan_cache = (epoch, plan)  # type: ignore[assignment]
-        return plan  # type: ignore[return-value]
+        return plan
+
+    def _draw_augment(self, g: torch.Generator, n: int) -> tuple:
+        offsets = flips = angles = None
+        if self.crop_padding > 0:
+            offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g)
+        if self.flip:
+            flips = torch.randint(0, 2, (n,), generator=g).bool()
+        if self.rotation > 0:
+            angles = (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * self.rotation
+        return offsets, flips, angles
+
+    def _view_plan(self, epoch: int, view: int) -> tuple:
+        """Augmentation of extra view ``view`` (same order as view 0, own generator)."""
+        hit = self._view_cache.get(view)
+        if hit is not None and hit[0] == epoch:
+            return hit[1]
+        g = epoch_generator(view_seed(self.seed, view), epoch)
+        plan = tuple(t.to(self.device) if t is not None else None for t in self._draw_augment(g, len(self.dataset)))
+        self._view_cache[view] = (epoch, plan)
+        return plan
+
+    def _augment(self, idx: torch.Tensor, a: int, b: int, offsets, flips, angles) -> torch.Tensor:
+        x = self.images.index_select(0, idx)
+        if offsets is not None or flips is not None:
+            x = augment_crop_flip(
+                x,
+                self.crop_padding,
+                offsets[a:b] if offsets is not None else None,
+                flips[a:b] if flips is not None else None,
+            )
+        if angles is not None:
+            x = rotate_nearest(x, angles[a:b])
+        return self._normalise(x)
 
     def _generate(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self._generate_batches(epoch, start_batch, 1):
+            yield batch.x, batch.y
+
+    def _generate_batches(self, epoch: int, start_batch: int, views: int) -> Iterator[Batch]:
         if start_batch >= len(self._spans):
             return
-        order, offsets, flips = self.epoch_plan(epoch)
+        order, offsets, flips, angles = self._plan(epoch)
+        extra = [self._view_plan(epoch, v) for v in range(1, views)] if self.train else []
         for a, b in self._spans[start_batch:]:
             idx = order[a:b]
-            x = self.images.index_select(0, idx)
-            if offsets is not None or flips is not None:
-                x = augment_crop_flip(
-                    x,
-                    self.crop_padding,
-                    offsets[a:b] if offsets is not None else None,
-                    flips[a:b] if flips is not None else None,
-                )
-            yield self._normalise(x), self.labels.index_select(0, idx)
+            x = self._augment(idx, a, b, offsets, flips, angles)
+            more = [self._augment(idx, a, b, *p) for p in extra] if self.train else [x] * (views - 1)
+            yield Batch(x, self.labels.index_select(0, idx), idx, more)
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().mul_(self._scale).add_(self._bias)
@@ -258,3 +327,24 @@ def augment_crop_flip(
         cols = cols + offsets[:, 1].view(-1, 1, 1)
     index = (rows * wp + cols).expand(bsz, h, w).reshape(bsz, 1, h * w).expand(bsz, c, h * w)
     return x.reshape(bsz, c, hp * wp).gather(2, index).view(bsz, c, h, w)
+
+
+def rotate_nearest(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate each image of ``x`` (B, C, H, W) about its centre by ``degrees`` (B,), as one gather.
+
+    Nearest pixel, zero fill (like torchvision's ``RandomRotation`` defaults); exact on any dtype.
+    """
+    bsz, c, h, w = x.shape
+    dev = x.device
+    rad = degrees.to(device=dev, dtype=torch.float64) * (math.pi / 180.0)
+    cos, sin = torch.cos(rad).view(-1, 1, 1), torch.sin(rad).view(-1, 1, 1)
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    ys = torch.arange(h, device=dev, dtype=torch.float64).view(1, h, 1) - cy
+    xs = torch.arange(w, device=dev, dtype=torch.float64).view(1, 1, w) - cx
+    # inverse map: the source pixel each output pixel shows
+    src_x = torch.round(cos * xs + sin * ys + cx).long()
+    src_y = torch.round(-sin * xs + cos * ys + cy).long()
+    inside = (src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)
+    index = (src_y.clamp(0, h - 1) * w + src_x.clamp(0, w - 1)).reshape(bsz, 1, h * w).expand(bsz, c, h * w)
+    out = x.reshape(bsz, c, h * w).gather(2, index).view(bsz, c, h, w)
+    return out * inside.view(bsz, 1, h, w).to(out.dtype)
