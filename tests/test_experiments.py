@@ -89,7 +89,14 @@ def test_report_table(experiment):
     for method in METHODS.split(","):
         rows = [l for l in lines if l.startswith(f"| {method} ")]
         assert rows and all("±" in r for r in rows[:3]), method
-    assert lines[-1].startswith("**CD vs DML**") and "pooled std" in lines[-1]
+    assert "Paired differences vs **independent**" in text and "Paired differences vs **dml**" in text
+    # dml - independent, net0, matched by seed, last epoch: mean and 95 % t-interval (t_{0.975, 1} = 12.706)
+    summary = lambda m, s: json.loads((exp / f"{m}-seed{s}" / "summary.json").read_text())["networks"][0]  # noqa: E731
+    diffs = [summary("dml", s)["last_test_top1"] - summary("independent", s)["last_test_top1"] for s in (0, 1)]
+    half = 12.7062 * statistics.stdev(diffs) / math.sqrt(2)
+    paired = text[text.index("Paired differences vs **independent**"):]
+    row = next(l for l in paired.splitlines() if l.startswith("| dml ") and "net0" in l)
+    assert f"{statistics.mean(diffs):+.2f} [{statistics.mean(diffs) - half:+.2f}, {statistics.mean(diffs) + half:+.2f}]" in row
     assert (exp / "report.md").read_text() == text
     csv_lines = (exp / "report.csv").read_text().splitlines()
     assert csv_lines[0].startswith("experiment,method,settings,network,model,seeds,last_top1_mean,last_top1_std")
@@ -107,7 +114,7 @@ def test_report_table(experiment):
 
 def test_report_cli(experiment, capsys):
     assert cli.main(["report", str(experiment["exp"])]) == 0
-    assert "CD vs DML" in capsys.readouterr().out
+    assert "Paired differences vs **dml**" in capsys.readouterr().out
 
 
 def test_plots_are_png(experiment):
@@ -152,3 +159,21 @@ def test_statistics():
     assert sample_std([1.0, 3.0]) == pytest.approx(math.sqrt(2.0))
     assert math.isnan(sample_std([1.0]))
     assert pooled_std([1.0, 3.0], [2.0, 2.0, 2.0]) == pytest.approx(math.sqrt(2.0 / 3.0))
+
+
+def test_t_quantiles_and_the_paired_interval_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    from kdarena.experiments.stats import paired_difference, t975
+
+    for df in (1, 2, 3, 4, 9, 29, 30, 35, 50, 100, 1000):
+        assert abs(t975(df) - stats.t.ppf(0.975, df)) < 2e-3 * stats.t.ppf(0.975, df), df
+    a = {0: 71.0, 1: 72.5, 2: 70.0, 7: 99.0}
+    b = {0: 70.0, 1: 71.0, 2: 70.5, 3: 10.0}  # seeds 3 and 7 have no partner: left out
+    d = paired_difference(a, b)
+    diffs = [1.0, 1.5, -0.5]
+    low, high = stats.t.interval(0.95, 2, loc=statistics.mean(diffs), scale=statistics.stdev(diffs) / math.sqrt(3))
+    assert d.n == 3 and d.mean == pytest.approx(statistics.mean(diffs))
+    assert (d.low, d.high) == (pytest.approx(low, abs=1e-3), pytest.approx(high, abs=1e-3))
+    assert d.verdict == "n.s."
+    assert paired_difference({0: 2.0, 1: 2.1, 2: 2.2}, {0: 1.0, 1: 1.0, 2: 1.05}).verdict == "better"
+    assert paired_difference({0: 1.0}, {0: 2.0}).text() == "-1.00 (1 seed)"

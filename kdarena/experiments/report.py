@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..config import flatten, marked_keys
+from .stats import Paired, mean, paired_difference, pooled_std, sample_std  # noqa: F401  (re-exported)
 from ..methods import registry as method_registry
 
 log = logging.getLogger("kdarena")
@@ -51,26 +52,6 @@ class Run:
         """The run's method picks a teacher per step (teacher shares and perturbation wins are meaningful)."""
         method = method_registry.method_of(self.config)
         return bool(method and method.has_teacher)
-
-
-# ----------------------------------------------------------------------------- statistics
-def mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
-
-
-def sample_std(values: Sequence[float]) -> float:
-    """Standard deviation with ddof=1 (NaN for fewer than two values)."""
-    if len(values) < 2:
-        return math.nan
-    m = mean(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
-def pooled_std(a: Sequence[float], b: Sequence[float]) -> float:
-    dof = len(a) + len(b) - 2
-    if len(a) < 2 or len(b) < 2 or dof <= 0:
-        return math.nan
-    return math.sqrt(((len(a) - 1) * sample_std(a) ** 2 + (len(b) - 1) * sample_std(b) ** 2) / dof)
 
 
 def _f(value: float | None, digits: int = 2, signed: bool = False) -> str:
@@ -207,27 +188,45 @@ def _table(header: list[str], rows: list[list[str]], align_right_from: int = 1) 
     return lines
 
 
-def _comparison(groups: dict[str, list[Run]], a: str, b: str) -> str | None:
-    if a not in groups or b not in groups:
-        return None
-    primary = "test_at_best_val_top1"
-    if not _values(groups[a], 0, primary) or not _values(groups[b], 0, primary):
-        primary = "last_test_top1"
-    parts = []
-    for name, index in _network_rows(groups[a]):
-        x, y = _values(groups[a], index, primary), _values(groups[b], index, primary)
-        if not x or not y:
+def _by_seed(runs: list[Run], index: int | None, key: str) -> dict[int, float]:
+    out = {}
+    for run in runs:
+        values = _values([run], index, key)
+        if values:
+            out[run.seed] = values[0]
+    return out
+
+
+def _paired_table(groups: dict[str, list[Run]], baseline: str) -> list[str]:
+    """Per method and network: mean of the seed-matched differences to ``baseline`` with a 95 % t-interval."""
+    base = groups.get(baseline)
+    if base is None:
+        return []
+    header = ["method", "network", "pairs", "Δ last epoch [95% CI]", "", "Δ @ best val [95% CI]", ""]
+    rows = []
+    for label, group in groups.items():
+        if label == baseline:
             continue
-        diff, pooled = mean(x) - mean(y), pooled_std(x, y)
-        ratio = f" = {diff / pooled:+.1f} × pooled std {pooled:.2f}" if pooled == pooled and pooled > 0 else f" (pooled std {_f(pooled)})"
-        parts.append(f"{name.split(' ')[0]} {diff:+.2f}{ratio}")
-    what = "@ best val" if primary == "test_at_best_val_top1" else "last epoch"
-    seeds = f"{len(groups[a])} vs {len(groups[b])} seeds"
-    return f"**{a.upper() if a == 'cd' else a} vs {b.upper() if b == 'dml' else b}** (difference of mean test top-1 {what}, {seeds}): " + "; ".join(parts)
+        for name, index in _network_rows(group):
+            cells = [label, name, ""]
+            for key in ("last_test_top1", "test_at_best_val_top1"):
+                diff = paired_difference(_by_seed(group, index, key), _by_seed(base, index, key))
+                cells[2] = str(diff.n)
+                cells += [diff.text(), diff.verdict]
+            rows.append(cells)
+    if not rows:
+        return []
+    return [f"Paired differences vs **{baseline}** (test top-1, points; mean over seeds run for both, matched by seed, "
+            f"with a 95 % Student-t interval; 'better'/'worse' = the interval excludes 0, 'n.s.' = it does not):", "",
+            *_table(header, rows, align_right_from=2), ""]
 
 
-def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None = None, best_on_test: bool = False) -> str:
-    """Write ``report.md`` and ``report.csv`` into ``out`` (default: the first dir); return the Markdown."""
+def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None = None, best_on_test: bool = False,
+                 baselines: Sequence[str] = ("independent", "dml")) -> str:
+    """Write ``report.md`` and ``report.csv`` into ``out`` (default: the first dir); return the Markdown.
+
+    ``baselines``: methods every other method is compared with, seed by seed (paired 95 % intervals).
+    """
     if isinstance(dirs, (str, Path)):
         dirs = [dirs]
     dirs = list(dirs)
@@ -311,9 +310,8 @@ def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None
         md += ["", f"Teacher share = fraction of training steps a network was the teacher (CD only). Perturbed net won = "
                    f"fraction of perturbed steps where the network given the perturbed batch became the teacher "
                    f"(chance ≈ 1/{n_nets} = {100.0 / max(n_nets, 1):.0f}%). Wall time = training time summed over epochs (evaluation excluded), mean over seeds; images/s = training images per second (median epoch), mean over seeds.", ""]
-        line = _comparison(groups, "cd", "dml")
-        md.append(line if line else "**CD vs DML**: not available (needs runs labelled cd and dml).")
-        md.append("")
+        for baseline in baselines:
+            md += _paired_table(groups, baseline)
     text = "\n".join(md).rstrip() + "\n"
 
     target = Path(out) if out else Path(dirs[0])
