@@ -76,8 +76,6 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--best-on-test", action="store_true", help="also report the best test accuracy (selected on test; labelled so)")
     report.add_argument("--baseline", default="independent,dml",
                         help="comma-separated methods every other method is compared with, seed by seed (paired 95%% intervals)")
-    report.add_argument("--baseline", default="independent,dml",
-                        help="comma-separated methods every other method is compared with, seed by seed (paired 95%% intervals)")
     report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     plot = sub.add_parser("plot", help="PNG plots of a run or an experiment directory")
