@@ -165,6 +165,7 @@ class PeerCollaborativeLearning(GroupMethod):
         weight = self.rampup(step)
         totals = ce + self.alpha * (weight * pmt + ens)
         terms = {f"ce_{i}": ce[i].detach() for i in range(n)}
+        terms.update({f"kd_{i}": (weight * pmt[i] + ens[i]).detach() for i in range(n)})  # logged per epoch
         terms.update({f"pmt_{i}": pmt[i].detach() for i in range(n)})
         terms.update({f"ens_{i}": ens[i].detach() for i in range(n)})
         return GroupLosses(list(totals.unbind(0)), totals.sum(), ce.detach(), no_teacher(ce), terms)

@@ -78,7 +78,8 @@ class ProgressiveSelfKD(GroupMethod):
       state: a resumed run continues bit for bit. Under torchrun every process would hold its own,
       incomplete store, so PS-KD refuses to run there for now.
     * ``GroupLosses.ce`` and the ``ce_i`` terms are the plain CE against the labels (comparable
-      with every other method); the input perturbation of the competition does not apply.
+      with every other method), ``kd_i`` is L_i - CE_i (what the soft targets changed); the input
+      perturbation of the competition does not apply.
     """
 
     label = "PS-KD self-distillation: soft targets mixing the label with the network's own previous-epoch prediction"
@@ -150,6 +151,8 @@ class ProgressiveSelfKD(GroupMethod):
                 seen[i, index] = seen[i, index] | finite
         totals = torch.stack(losses)
         terms = {f"ce_{i}": ce[i].detach() for i in range(n)}
+        # what the soft targets changed: the loss minus the plain CE (0 in the first epoch)
+        terms.update({f"kd_{i}": (totals[i] - ce[i]).detach() for i in range(n)})
         terms["alpha_t"] = ce.new_tensor(alpha).detach()
         return GroupLosses(losses, totals.sum(), ce.detach(), no_teacher(ce), terms)
 
