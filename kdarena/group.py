@@ -1,8 +1,8 @@
 """A group of networks trained together, with feature hooks and feature adapters."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +12,9 @@ from torch import Tensor, nn
 class GroupOutput:
     logits: list[Tensor]
     features: list[Tensor] | None
+    #: what a model offers beyond logits and features (e.g. a branched model's gate: ``{"gate": (N, m)}``);
+    #: the trainer passes it on as ``StepInput.extras``
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def _resolve_feature_layer(network: nn.Module, name: str | None) -> str | None:

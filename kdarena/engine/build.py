@@ -53,6 +53,12 @@ def configure_torch(config: Config, device: torch.device) -> None:
 
 
 def build_group(config: Config, num_classes: int, in_channels: int, needs: Needs) -> Group:
+    if models.branched.is_branched(config.models):  # the entries are the branches of one shared trunk
+        try:
+            return models.branched.BranchedGroup.build(config.models, num_classes, in_channels, gate=needs.branched,
+                                                       feature_layers=needs.feature_layers, collect_features=needs.features)
+        except ValueError as error:
+            raise ConfigError(f"bad value in 'models' or 'method.feature_layers': {error}") from None
     networks = []
     for name in config.models:
         try:

@@ -55,6 +55,8 @@ class Needs:
     sample_index: bool = False
     #: each network gets its own independently augmented view of the batch
     own_views: bool = False
+    #: the networks must be the branches of one branched model (``models: [branched:NAME, ...]``) with a gate
+    branched: bool = False
 
 
 @dataclass
@@ -98,6 +100,8 @@ class StepInput:
     #: a precomputed CE per network that decides who teaches, replacing the method's own choice of it
     #: (Python API: e.g. a selection on held-out data); the trainer leaves it None
     selection_ce: Tensor | None = None
+    #: what the group's forward offered beyond logits (``GroupOutput.extras``, e.g. a branched model's gate)
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, logits: Sequence[Tensor], target: Target | Sequence[Target], **kwargs: Any) -> "StepInput":
@@ -151,6 +155,8 @@ class GroupMethod:
     presets: ClassVar[dict[str, list[str]]] = {}
     has_teacher: ClassVar[bool] = False
     min_networks: ClassVar[int] = 1
+    #: needs a branched group (``Needs.branched``); the config refuses models that are not one
+    branched: ClassVar[bool] = False
 
     @classmethod
     def from_params(cls, params: MethodParams) -> "GroupMethod":

@@ -11,5 +11,6 @@ from __future__ import annotations
 from .registry import available, create, feature_layer, register
 from . import convnet, mobilenetv2, resnet_cifar, shufflenetv2, vgg, wrn  # noqa: F401  (register models)
 from . import mlp  # noqa: F401  (BatchNorm-free MLP for tests)
+from . import branched  # noqa: F401  (branched:<model>, one shared trunk and a branch per group network)
 
 __all__ = ["available", "create", "feature_layer", "register"]
