@@ -192,6 +192,10 @@ class Config(_Section):
             raise _KeyValueError(f"method.{key}" if key else "method", getattr(self.method, key, None), message) from None
         if isinstance(self.data.val_size, float) and not 0 < self.data.val_size < 1:
             raise _KeyValueError("data.val_size", self.data.val_size, "a fraction must be in (0, 1); use an integer for a count")
+        from .models.branched import check_models  # branched:<model> entries, and methods that need them (ONE)
+
+        if problem := check_models(self.models, method.branched, self.method.name, self.train.fused, self.train.compile):
+            raise _KeyValueError("models", self.models, problem)
         return self
 
     def host_every(self, device_type: str) -> int:

@@ -19,6 +19,7 @@ from .kd import KnowledgeDistillation, freeze  # noqa: E402
 from .kdcl import KDCL  # noqa: E402
 from .pcl import PeerCollaborativeLearning  # noqa: E402
 from .pskd import ProgressiveSelfKD  # noqa: E402
+from .one import OnTheFlyNativeEnsemble  # noqa: E402
 
 __all__ = [
     "CompetitiveDistillation",
@@ -31,6 +32,7 @@ __all__ = [
     "MethodContext",
     "MethodParams",
     "Needs",
+    "OnTheFlyNativeEnsemble",
     "PeerCollaborativeLearning",
     "ProgressiveSelfKD",
     "StepInput",
