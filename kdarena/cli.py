@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*")
     sweep.add_argument("--methods", default="independent,dml,cd", help="comma-separated; a name may carry overrides: cd:perturb.every=10")
     sweep.add_argument("--seeds", default="0,1,2")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs trained at once in separate processes (each gets cores/jobs threads "
+                       "unless train.threads is set); several small runs fill a GPU")
     sweep.add_argument("--out", help="experiment directory (default: OUTPUT/NAME-sweep)")
     sweep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
@@ -180,7 +182,7 @@ def _cmd_methods(args) -> int:
 def _cmd_sweep(args) -> int:
     from .experiments.sweep import run_sweep
 
-    run_sweep(args.config, args.overrides, args.methods, args.seeds, args.out)
+    run_sweep(args.config, args.overrides, args.methods, args.seeds, args.out, jobs=args.jobs)
     return 0
 
 

@@ -177,3 +177,16 @@ def test_t_quantiles_and_the_paired_interval_match_scipy():
     assert d.verdict == "n.s."
     assert paired_difference({0: 2.0, 1: 2.1, 2: 2.2}, {0: 1.0, 1: 1.0, 2: 1.05}).verdict == "better"
     assert paired_difference({0: 1.0}, {0: 2.0}).text() == "-1.00 (1 seed)"
+
+
+def test_parallel_sweep_gives_the_same_runs(experiment):
+    """--jobs 2: the same runs as one by one (same threads, CPU: bit-identical accuracies)."""
+    exp = experiment["root"] / "parallel"
+    records = run_sweep(experiment["config"], [], "independent,dml", "1", exp, jobs=2)
+    assert sorted((r["label"], r["status"]) for r in records) == [("dml", "trained"), ("independent", "trained")]
+    for label in ("independent", "dml"):
+        got = json.loads((exp / f"{label}-seed1" / "summary.json").read_text())
+        want = json.loads((experiment["exp"] / f"{label}-seed1" / "summary.json").read_text())
+        assert [n["last_test_top1"] for n in got["networks"]] == [n["last_test_top1"] for n in want["networks"]]
+    with pytest.raises(SweepError, match="--jobs must be >= 1"):
+        run_sweep(experiment["config"], [], "dml", "1", exp, jobs=0)

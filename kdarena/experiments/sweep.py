@@ -217,16 +217,44 @@ def _accuracies(summary: dict[str, Any]) -> str:
     return f"; last test top-1 {accs}" + (f" (ensemble {ens:.2f})" if ens is not None and len(nets) > 1 else "")
 
 
+def _train_plan(config: dict[str, Any], run_dir: str, resume: bool, force: bool) -> dict[str, Any]:
+    """One run in a worker process (``--jobs``): the summary, or the error as text (exceptions do not pickle well)."""
+    from ..trainer import train
+
+    try:
+        return {"summary": train(cfg.validate(config), run_dir=run_dir, resume=resume, force=force)}
+    except Exception as error:  # reported by the parent like an in-process failure
+        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+
+
+def _threads_per_job(plan: RunPlan, jobs: int) -> None:
+    """Parallel runs share the cores: unless the config says otherwise, each gets cores // jobs threads
+    (two processes spinning two OpenMP threads each on two cores run many times slower, not twice)."""
+    if jobs > 1 and plan.config.train.threads is None:
+        import os
+
+        plan.config.train.threads = max(1, (os.cpu_count() or 1) // jobs)
+
+
 def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = None,
               methods: str | Sequence[str] = "independent,dml,cd", seeds: str | Sequence[int] = "0,1,2",
-              out: str | Path | None = None) -> list[dict[str, Any]]:
-    """Run every method x seed into one experiment directory; returns the ``sweep.json`` run records."""
+              out: str | Path | None = None, jobs: int = 1) -> list[dict[str, Any]]:
+    """Run every method x seed into one experiment directory; returns the ``sweep.json`` run records.
+
+    ``jobs > 1`` trains that many runs at once in separate processes (several small runs fill a GPU,
+    or the cores of a CPU better than one run does); results are the same as one by one.
+    """
     from ..engine.distributed import from_environment
     from ..trainer import Interrupted, train
 
+    if jobs < 1:
+        raise SweepError(f"--jobs must be >= 1, got {jobs}")
     exp_dir, plans = plan_sweep(config_path, overrides, methods, seeds, out)
     specs, seed_list = parse_methods(methods), parse_seeds(seeds)
-    main = from_environment().is_main  # under torchrun every rank runs the sweep; rank 0 writes and prints
+    info = from_environment()
+    if jobs > 1 and info.enabled:
+        raise SweepError("--jobs > 1 runs several single-process runs; do not start it with torchrun")
+    main = info.is_main  # under torchrun every rank runs the sweep; rank 0 writes and prints
 
     def index() -> None:
         if main:
@@ -248,8 +276,8 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
         exp_dir.mkdir(parents=True, exist_ok=True)
     index()
     total = len(plans)
+    todo = []
     for k, plan in enumerate(plans, 1):
-        head = f"[{k}/{total}] {plan.name}:"
         summary_path = plan.run_dir / "summary.json"
         if summary_path.is_file():
             plan.status = "skipped"
@@ -257,7 +285,7 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
                 summary = json.loads(summary_path.read_text())
             except ValueError:
                 summary = {}
-            say(f"{head} skipped (finished){_accuracies(summary)}")
+            say(f"[{k}/{total}] {plan.name}: skipped (finished){_accuracies(summary)}")
             index()
             continue
         resume = (plan.run_dir / "checkpoints" / "last.pt").is_file()
@@ -265,29 +293,51 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
         action = "resumed" if resume else ("restarted" if occupied else "trained")
         if action == "restarted":
             log.warning("%s holds an unfinished run without a checkpoint; it is moved aside and started afresh", plan.run_dir)
-        log.info("%s %s -> %s", head, "resuming" if resume else "starting", plan.run_dir)
+        _threads_per_job(plan, jobs)
+        todo.append((k, plan, action))
+
+    def finish(k: int, plan: RunPlan, action: str, start: float, summary: dict[str, Any] | None, error: str | None) -> None:
+        head = f"[{k}/{total}] {plan.name}:"
+        plan.seconds = time.perf_counter() - start
+        if error is not None:  # one failed run must not cost the others
+            plan.status, plan.error = "failed", error
+            log.error("%s failed: %s", plan.name, plan.error)
+            say(f"{head} FAILED ({plan.error})")
+        else:
+            plan.status = action if summary.get("networks") else ("stopped" if "stopped_at_step" in summary else action)
+            say(f"{head} {plan.status} in {plan.seconds:.1f} s{_accuracies(summary)}")
+        index()
+
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        start = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_train_plan, cfg.to_dict(plan.config), str(plan.run_dir), action == "resumed",
+                                   action == "restarted"): (k, plan, action) for k, plan, action in todo}
+            for future in as_completed(futures):
+                k, plan, action = futures[future]
+                result = future.result()
+                finish(k, plan, action, start, result.get("summary"), result.get("error"))
+    for k, plan, action in todo if jobs == 1 else []:
+        log.info("[%d/%d] %s: %s -> %s", k, total, plan.name, "resuming" if action == "resumed" else "starting", plan.run_dir)
         start = time.perf_counter()
         try:
-            summary = train(plan.config, run_dir=plan.run_dir, resume=resume, force=action == "restarted")
+            summary = train(plan.config, run_dir=plan.run_dir, resume=action == "resumed", force=action == "restarted")
         except Interrupted as stop:
             plan.status, plan.seconds, plan.error = "interrupted", time.perf_counter() - start, str(stop)
             index()
-            say(f"{head} interrupted; run the same sweep again to resume")
+            say(f"[{k}/{total}] {plan.name}: interrupted; run the same sweep again to resume")
             raise KeyboardInterrupt(str(stop)) from None
         except KeyboardInterrupt:
             plan.status, plan.seconds = "interrupted", time.perf_counter() - start
             index()
             raise
-        except Exception as error:  # one failed run must not cost the others
-            plan.status, plan.seconds = "failed", time.perf_counter() - start
-            plan.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            log.error("%s failed: %s", plan.name, plan.error, exc_info=log.isEnabledFor(logging.DEBUG))
-            say(f"{head} FAILED ({plan.error})")
+        except Exception as error:
+            finish(k, plan, action, start, None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
         else:
-            plan.seconds = time.perf_counter() - start
-            plan.status = action if summary.get("networks") else ("stopped" if "stopped_at_step" in summary else action)
-            say(f"{head} {plan.status} in {plan.seconds:.1f} s{_accuracies(summary)}")
-        index()
+            finish(k, plan, action, start, summary, None)
     failed = [p for p in plans if p.status == "failed"]
     say(f"sweep: {total - len(failed)}/{total} runs ok in {exp_dir}; tables: kdarena report {exp_dir}")
     if failed:
