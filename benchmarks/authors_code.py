@@ -186,7 +186,7 @@ def authors_worker(args) -> None:
                 channel.send(seconds=time.perf_counter() - start, steps=k)
 
     losses = [utils.Totoal_Meter(1, len(train_loader.dataset)) for _ in models]
-    channel.send(ready=True, torch=torch.__version__, torchvision=torchvision.__version__,
+    channel.send(ready=True, torch=torch.__version__, torchvision=torchvision.__version__, cpu=torch.backends.cpu.get_cpu_capability(),
                  threads=torch.get_num_threads(), batch=args.batch, size=size)
     tcd.train_one_epoch(0, models, Paced(train_loader), optimizers, criterion_ce, criterion_kl, losses, run_args)
 
@@ -257,7 +257,7 @@ def kdarena_worker(args) -> None:
 
     import kdarena
 
-    channel.send(ready=True, torch=torch.__version__, kdarena=str(Path(kdarena.__file__).parent), threads=torch.get_num_threads(), batch=args.batch, size=args.size,
+    channel.send(ready=True, torch=torch.__version__, cpu=torch.backends.cpu.get_cpu_capability(), kdarena=str(Path(kdarena.__file__).parent), threads=torch.get_num_threads(), batch=args.batch, size=args.size,
                  precision=config.train.precision, channels_last=config.train.channels_last, dropped=dropped)
     while (k := channel.receive()) is not None:
         start = time.perf_counter()
@@ -329,6 +329,17 @@ def measure(size: int, batch: int, warmup: int, rounds: int, block: int, variant
     return result
 
 
+def cpu_flags() -> str:
+    """The CPU model and its vector extensions (bf16 autocast is only fast with native bf16: AVX-512 bf16 or AMX)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return model + ": " + " ".join(sorted(f for f in flags if f.startswith(("avx", "amx"))))
+
+
 def table(results: list[dict]) -> str:
     lines = ["| input | batch | loop | img/s (median) | x authors (median of per-round ratios) |", "|---|---|---|---|---|"]
     for res in results:
@@ -385,7 +396,7 @@ def main(argv=None) -> None:
         variants = args.variants224 if big else args.variants
         results.append(measure(size, batch, warmup, rounds, block, variants, args, log))
     commit = subprocess.run(["git", "-C", str(args.code), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = {"command": " ".join(sys.argv), "authors_commit": commit or None, "machine": platform.platform(),
+    out = {"command": " ".join(sys.argv), "authors_commit": commit or None, "machine": platform.platform(), "cpu": cpu_flags(),
            "cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg(), "seconds_total": time.time() - started,
            "date": time.strftime("%Y-%m-%d %H:%M"), "results": results}
     print(table(results))
