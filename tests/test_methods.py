@@ -1,3 +1,4 @@
+import math
 import itertools
 
 import pytest
@@ -221,3 +222,41 @@ def test_invalid_hyperparameters_are_rejected():
         CompetitiveDistillation(selection="random")
     with pytest.raises(ValueError, match="at least 2 networks"):
         CompetitiveDistillation().compute([torch.zeros(2, 3)], torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("n,tau", list(itertools.product([2, 3, 4], [1.0, 4.0])))
+def test_cd_soft_rule_weights_every_other_network_by_the_sigmoid_of_the_ce_gap(n, tau):
+    logits, y = random_logits(n, seed=40 + n)
+    ces = [ce64(z, y) for z in logits]
+    scale = 0.3
+    out = CompetitiveDistillation(alpha=0.8, beta=0.0, temperature=tau, rule="soft", soft_scale=scale).compute(logits, y)
+    assert out.teacher == min(range(n), key=lambda i: ces[i])
+    for i in range(n):
+        kd = sum(kl64(logits[j], logits[i], tau) / (1.0 + math.exp(-(ces[i] - ces[j]) / scale)) for j in range(n) if j != i)
+        assert out.per_network[i].item() == pytest.approx(ces[i] + 0.8 * kd, abs=1e-6)
+
+
+@pytest.mark.parametrize("progress,expected", [(0.0, math.exp(-5.0)), (0.15, math.exp(-5.0 * 0.25)), (0.3, 1.0), (0.9, 1.0)])
+def test_cd_rampup_scales_the_distillation_term_only(progress, expected):
+    from kdarena.methods import StepInput
+
+    logits, y = random_logits(2, seed=7)
+    ces = [ce64(z, y) for z in logits]
+    teacher = min(range(2), key=lambda i: ces[i])
+    out = CompetitiveDistillation(alpha=1.0, beta=0.0, rampup=0.3).losses(StepInput.of(logits, y, progress=progress))
+    student = 1 - teacher
+    assert out.per_network[teacher].item() == pytest.approx(ces[teacher], abs=1e-9)
+    assert out.per_network[student].item() == pytest.approx(ces[student] + expected * kl64(logits[teacher], logits[student]), abs=1e-6)
+
+
+def test_cd_soft_rule_gives_no_gradient_to_the_teachers():
+    logits, y = random_logits(3, seed=5)
+    out = CompetitiveDistillation(alpha=1.0, beta=0.0, rule="soft").compute(logits, y)
+    out.total.backward()
+    together = [z.grad.clone() for z in logits]
+    for i in range(3):
+        fresh = [z.detach().clone().requires_grad_() for z in logits]
+        CompetitiveDistillation(alpha=1.0, beta=0.0, rule="soft").compute(fresh, y).per_network[i].backward()
+        assert fresh[i].grad is not None and torch.allclose(fresh[i].grad, together[i], atol=1e-12)
+        # peers are detached: nothing but zeros reaches them
+        assert all(fresh[j].grad is None or not fresh[j].grad.any() for j in range(3) if j != i)

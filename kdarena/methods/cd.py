@@ -9,17 +9,21 @@ from pydantic import Field
 from torch import Tensor
 
 from .base import StepInput
-from .common import Distiller, DistillerParams, select_teacher
+from .common import Distiller, DistillerParams, select_teacher, sigmoid_rampup
 from .registry import register_method
 
 SELECTIONS = ("own-batch", "clean", "smoothed")
-RULES = ("best", "better")
+RULES = ("best", "better", "soft")
 
 
 class CompetitiveParams(DistillerParams):
     beta: float = Field(0.0, ge=0, description="weight of the feature loss (paper: 1.0)")
-    rule: Literal["best", "better"] = Field("best", description="best: the argmin-CE network teaches (paper); "
-                                            "better: distil from every better network (authors' code)")
+    rule: Literal["best", "better", "soft"] = Field(
+        "best", description="best: the argmin-CE network teaches (paper); better: distil from every better network "
+        "(authors' code); soft (ours): learn from each other network in proportion to sigmoid((CE_i - CE_j) / soft_scale)")
+    soft_scale: float = Field(0.1, gt=0, description="rule=soft: CE difference (nats) at which the weight is sigmoid(1) = 0.73")
+    rampup: float = Field(0.0, ge=0, le=1, description="ramp the distillation weight up from 0 over this fraction of training "
+                          "(sigmoid, as mean-teacher methods do; ours; 0: off as in the paper)")
     selection: Literal["own-batch", "clean", "smoothed"] = Field(
         "own-batch", description="which CE picks the teacher: the CE on each network's own (perhaps perturbed) input "
         "(paper), the perturbed network's CE on the clean batch, or an EMA of it")
@@ -33,6 +37,10 @@ class CompetitiveDistillation(Distiller):
     ``rule="best"`` (paper): teacher T = argmin CE; L_T = CE_T; L_i = CE_i + alpha*KL(p_T||p_i) + beta*L_F.
     ``rule="better"`` (authors' code): each network distils from every network with a lower CE,
     the terms averaged over them; the best network gets CE only. Ties go to the lower index.
+    ``rule="soft"`` (ours, beyond the paper): network i learns from every other network j with weight
+    ``sigmoid((CE_i - CE_j) / soft_scale)``, a soft competition instead of a winner-takes-all one.
+    ``rampup`` (ours): the distillation terms are multiplied by ``exp(-5 (1 - t/rampup)^2)`` until the
+    fraction ``rampup`` of training is done: early KL between two random networks only adds noise.
 
     ``selection`` decides which CE picks the teacher: ``"own-batch"`` (paper: the CE on the
     input each network was given, perturbed or not), ``"clean"`` (the perturbed network is
@@ -52,11 +60,14 @@ class CompetitiveDistillation(Distiller):
         "cd-noperturb": ["method.name=cd", "perturb.enabled=false"],
         # the authors' released code: distil from every better peer, their op pool, every 10th batch
         "cd-code": ["method.name=cd", "method.rule=better", "perturb.enabled=true", "perturb.ops=code", "perturb.every=10"],
+        # ours (beyond the paper): no early distillation between random networks, then hard or soft competition
+        "cd-ramp": ["method.name=cd", "method.rampup=0.3", "perturb.enabled=false"],
+        "cd-soft": ["method.name=cd", "method.rule=soft", "method.rampup=0.3", "perturb.enabled=false"],
     }
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, temperature: float = 1.0, rule: str = "best",
                  selection: str = "own-batch", smoothing: float = 0.9, feature_reduction: str = "batchmean",
-                 feature_layers=None):
+                 feature_layers=None, soft_scale: float = 0.1, rampup: float = 0.0):
         super().__init__(alpha, beta, temperature, feature_reduction, feature_layers)
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -64,7 +75,10 @@ class CompetitiveDistillation(Distiller):
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        if soft_scale <= 0 or not 0.0 <= rampup <= 1.0:
+            raise ValueError(f"soft_scale must be > 0 and rampup in [0, 1], got soft_scale={soft_scale}, rampup={rampup}")
         self.rule, self.selection, self.smoothing = rule, selection, float(smoothing)
+        self.soft_scale, self.rampup = float(soft_scale), float(rampup)
         self._ema: Tensor | None = None
 
     def selection_ce(self, step: StepInput, ce: Tensor) -> Tensor:
@@ -77,6 +91,9 @@ class CompetitiveDistillation(Distiller):
         if step.reduce_mean is not None:
             selection = step.reduce_mean(selection.clone())
         return selection
+
+    def distillation_scale(self, step: StepInput) -> float:
+        return sigmoid_rampup(step.progress, self.rampup)
 
     def _scores(self, selection: Tensor) -> Tensor:
         if self.selection != "smoothed":
@@ -101,6 +118,13 @@ class CompetitiveDistillation(Distiller):
             onehot = F.one_hot(teacher_index.clamp(min=0), n).bool() & (teacher_index >= 0)
             weights = (students[:, None] & onehot[None, :]).float()
             return weights, teacher_index
+        if self.rule == "soft":
+            # W[i, j] = sigmoid((s_i - s_j) / scale): a clearly better peer teaches fully, an equal one half, a
+            # clearly worse one not at all; scale -> 0 gives "better" without the averaging (ours, not the paper)
+            gap = (scores[:, None] - scores[None, :]) / self.soft_scale
+            weights = torch.sigmoid(torch.nan_to_num(gap))
+            weights = weights * (eligible[None, :] & ~torch.eye(n, dtype=torch.bool, device=ce.device)).float()
+            return weights, teacher_index
         # "better": j is better than i if (score_j, j) < (score_i, i) and j is eligible
         s = torch.where(eligible, scores, torch.full_like(scores, float("inf")))
         index = torch.arange(n, device=ce.device)
@@ -112,6 +136,10 @@ class CompetitiveDistillation(Distiller):
     @classmethod
     def describe(cls, params, perturb) -> str:
         parts = [cls.name, f"rule {params.get('rule', 'best')}"]
+        if params.get("rule") == "soft":
+            parts.append(f"scale {params.get('soft_scale')}")
+        if params.get("rampup"):
+            parts.append(f"ramp-up {params.get('rampup')}")
         if params.get("selection", "own-batch") != "own-batch":
             parts.append(f"selection {params.get('selection')}")
         if params.get("beta"):

@@ -10,6 +10,7 @@ device to decide who teaches.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional, Sequence
 
 import torch
@@ -89,6 +90,14 @@ def weighted(matrix: Tensor, weights: Tensor) -> Tensor:
     return contributions.sum(dim=1)
 
 
+def sigmoid_rampup(progress: float, length: float) -> float:
+    """exp(-5 (1 - t)^2) with t = progress / length, 1 from ``length`` on (Laine & Aila 2017; mean teacher)."""
+    if length <= 0 or progress >= length:
+        return 1.0
+    t = max(progress, 0.0) / length
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
 def no_teacher(ce: Tensor) -> Tensor:
     return torch.tensor(-1, device=ce.device)
 
@@ -135,6 +144,10 @@ class Distiller(GroupMethod):
         """The CE that decides who teaches (default: each network's CE on its own input)."""
         return ce
 
+    def distillation_scale(self, step: StepInput) -> float:
+        """A factor on every distillation term this step (default 1; e.g. a ramp-up)."""
+        return 1.0
+
     def losses(self, step: StepInput) -> GroupLosses:
         logits = step.logits
         check_logits(logits, self.min_networks)
@@ -143,6 +156,9 @@ class Distiller(GroupMethod):
         ce_detached = ce.detach()
         selection = self.selection_ce(step, ce_detached)
         weights, teacher_index = self.weights(ce_detached, selection)
+        scale = self.distillation_scale(step)
+        if scale != 1.0:  # (exactly 1: leave the weights untouched, bit for bit)
+            weights = weights * scale
         eligible = torch.isfinite(selection) & torch.isfinite(ce_detached)
         terms = {}
         totals = ce
