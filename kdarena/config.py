@@ -125,7 +125,8 @@ class OptimConfig(_Section):
 
 class TrainConfig(_Section):
     device: str = Field("auto", json_schema_extra=BOOKKEEPING, pattern=r"^(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$", description="auto, cpu, cuda, cuda:N")
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 where the hardware has it natively (CUDA, CPUs with AVX-512 BF16/AMX), else fp32")
     channels_last: bool = Field(True, json_schema_extra=BOOKKEEPING)
     compile: bool = Field(False, json_schema_extra=BOOKKEEPING)
     fused: bool = Field(False, json_schema_extra=BOOKKEEPING, description="run identical networks as one vmapped forward (torch.func): fewer, larger GPU kernels; single process, same model for every entry; slower on CPU")

@@ -23,7 +23,7 @@ from . import __version__
 from .config import Config, dump, to_dict
 from .engine import checkpoint as ckpt, distributed as dist_utils, resume as resuming
 from .engine.build import Parts, build_parts
-from .engine.evaluate import autocast_context, evaluate, evaluate_network
+from .engine.evaluate import autocast_context, evaluate, evaluate_network, resolve_precision
 from .engine.recovery import NonFiniteLossError, handle_nonfinite
 from .engine.runlog import MetricsLog, atomic_write_text, prepare, read_metrics, write_json
 from .engine.stats import EpochStats, summarize
@@ -56,8 +56,11 @@ class Trainer:
         if self.is_main:
             prepare(self.run_dir, resume=resume, force=force)
         dist_utils.barrier()
-        if config.train.precision == "fp16" and self.device.type == "cpu":
-            log.warning("fp16 autocast on CPU is slow; bf16 is the fast CPU choice")
+        self.precision = resolve_precision(config.train.precision, self.device)
+        if self.precision == "fp16" and self.device.type == "cpu":
+            log.warning("fp16 autocast on CPU is slow; use train.precision=auto")
+        if config.train.precision == "auto":
+            log.info("train.precision=auto: %s on this %s", self.precision, self.device.type)
 
         parts = parts if parts is not None else build_parts(config, self.device, self.info)
         self.parts = parts
@@ -226,7 +229,7 @@ class Trainer:
     def _forward(self, inputs: Any, decision: Perturbation | None):
         # perturb.bn_stats=freeze: the perturbed batch must not move that network's BatchNorm running statistics
         frozen = self.group.networks[decision.network] if decision is not None and self.config.perturb.bn_stats == "freeze" else None
-        with autocast_context(self.device, self.config.train.precision), frozen_bn_stats(frozen):
+        with autocast_context(self.device, self.precision), frozen_bn_stats(frozen):
             return self.model(inputs)
 
     def _step_input(self, out, targets: list, x: Tensor, y: Tensor, decision: Perturbation | None, index: Tensor | None) -> StepInput:
@@ -235,7 +238,7 @@ class Trainer:
             perturbed=None if decision is None else decision.network,
             clean_ce=lambda i: self._clean_ce(x, y, i),
             reduce_mean=dist_utils.all_reduce_mean if self.info.enabled else None,
-            autocast=lambda: autocast_context(self.device, self.config.train.precision),
+            autocast=lambda: autocast_context(self.device, self.precision),
             index=index, step=self.global_step, epoch=self.epoch,
             progress=self.global_step / (self.steps_per_epoch * self.config.optim.epochs),
         )
@@ -243,7 +246,7 @@ class Trainer:
     def _clean_ce(self, x: Tensor, y: Tensor, network: int) -> Tensor:
         """A network's CE on the clean batch (train mode, BN running statistics untouched)."""
         net = self.group.networks[network]
-        with torch.no_grad(), autocast_context(self.device, self.config.train.precision), frozen_bn_stats(net):
+        with torch.no_grad(), autocast_context(self.device, self.precision), frozen_bn_stats(net):
             return cross_entropy(net(x), y).float()
 
     def _backward(self, losses: GroupLosses) -> None:
@@ -375,7 +378,7 @@ class Trainer:
         self.step_log.clear()
 
     def _evaluate_into(self, record: dict[str, Any]) -> None:
-        precision = self.config.train.precision
+        precision = self.precision
         for split, loader in (("val", self.data.val), ("test", self.data.test)):
             if loader is None:
                 continue

@@ -21,6 +21,7 @@ from ..methods import GroupMethod, MethodContext, Needs, registry
 from ..perturb import MutationTracker, PerturbationScheduler, resolve_ops
 from ..rng import stream_seed
 from .distributed import DistInfo
+from .evaluate import resolve_precision
 from .schedule import build_scheduler
 
 
@@ -148,7 +149,7 @@ def build_parts(config: Config, device: torch.device, info: DistInfo | None = No
     try:
         method.setup(MethodContext(data.num_classes, data.in_channels, device, list(group.networks),
                                    train_size=len(data.train.dataset) if hasattr(data.train, "dataset") else 0,
-                                   precision=config.train.precision))
+                                   precision=resolve_precision(config.train.precision, device)))
     except (ValueError, OSError) as error:
         raise ConfigError(str(error)) from None
     optimizer = build_optimizer(config, group)
@@ -163,7 +164,7 @@ def build_parts(config: Config, device: torch.device, info: DistInfo | None = No
         mutations=build_mutations(config, needs),
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, config.optim, steps_per_epoch),
-        scaler=torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16"),
+        scaler=torch.amp.GradScaler(device.type, enabled=resolve_precision(config.train.precision, device) == "fp16"),
         runner=build_runner(config, group, device, info),
     )
 

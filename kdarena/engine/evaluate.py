@@ -12,7 +12,20 @@ from .distributed import all_reduce_sum
 from ..group import Group
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 where the hardware computes in it natively (CUDA with bf16, CPUs with AVX-512 BF16 or
+    AMX), fp32 elsewhere -- on a CPU without native bf16, bf16 autocast is emulated and several times slower."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return "bf16"
+    return "fp32"
+
+
 def autocast_context(device: torch.device, precision: str):
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
