@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
@@ -19,6 +19,27 @@ from .methods.base import MethodParams
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: Any) -> Any:
+        """pydantic's lax mode reads true as 1: a boolean where a number belongs is an error."""
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is not None and _numbers_only(field.annotation) and _holds_bool(value):
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+
+def _numbers_only(annotation: Any) -> bool:
+    """int, float, their Optional/Union, and lists/tuples of them (no bool, str or Any anywhere)."""
+    if annotation in (int, float):
+        return True
+    args = [a for a in get_args(annotation) if a is not type(None) and a is not Ellipsis]
+    return get_origin(annotation) in (Union, list, tuple) and bool(args) and all(_numbers_only(a) for a in args)
+
+
+def _holds_bool(value: Any) -> bool:
+    return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value))
 
 
 #: Schema markers (``json_schema_extra``): a *bookkeeping* key (paths, logging, speed knobs) never
@@ -131,7 +152,8 @@ class TrainConfig(_Section):
     compile: bool = Field(False, json_schema_extra=BOOKKEEPING)
     fused: bool = Field(False, json_schema_extra=BOOKKEEPING, description="run identical networks as one vmapped forward (torch.func): fewer, larger GPU kernels; single process, same model for every entry; slower on CPU")
     deterministic: bool = False
-    threads: Optional[int] = Field(None, ge=1, json_schema_extra=BOOKKEEPING, description="CPU threads (default: torch's choice)")
+    # bounded: torch.set_num_threads(99999999) crashes the process
+    threads: Optional[int] = Field(None, ge=1, le=1024, json_schema_extra=BOOKKEEPING, description="CPU threads (default: torch's choice)")
     eval_every: int = Field(1, ge=1, json_schema_extra=RESUMABLE)
     checkpoint_every: int = Field(1, ge=1, json_schema_extra=BOOKKEEPING, description="epochs between checkpoints")
     checkpoint_every_steps: int = Field(0, ge=0, json_schema_extra=BOOKKEEPING, description="also checkpoint every N steps (0: off)")
@@ -150,7 +172,8 @@ class TrainConfig(_Section):
 
 class Config(_Section):
     name: str = Field("run", json_schema_extra=BOOKKEEPING)
-    seed: int = 0
+    # torch seeds are 64-bit; the named streams (kdarena.rng) add offsets up to ~10^5 to this one
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     output: str = Field("runs", json_schema_extra=BOOKKEEPING)
     models: list[str] = Field(default_factory=lambda: ["resnet20", "resnet20"], min_length=1)
     data: DataConfig = DataConfig()
@@ -174,6 +197,11 @@ class Config(_Section):
             registered = ", ".join(repr(m) for m in method_registry.names())
             raise _KeyValueError("method.name", name, f"unknown method; registered: {registered} (see `kdarena methods`); "
                                  "e.g. the default method.name=cd")
+        fields = method_registry.get(name).Params.model_fields  # MethodParams is not a _Section: same bool check here
+        for key, value in raw.items():
+            field = fields.get(key) if isinstance(key, str) else None
+            if field is not None and _numbers_only(field.annotation) and _holds_bool(value):
+                raise _KeyValueError(f"method.{key}", value, "must be a number, not a boolean")
         try:
             return method_registry.params_for(raw)
         except ValidationError as error:
@@ -283,8 +311,22 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         if path == ["method", "name"]:
             _switch_method(node, value)
-        node[path[-1]] = value
+        if path == ["method"] and isinstance(value, dict) and isinstance(node.get("method"), dict) and "name" in value:
+            _switch_method(node["method"], value["name"])
+        if isinstance(value, dict) and isinstance(node.get(path[-1]), dict):
+            # a mapping sets the keys it names, like one override per key: `optim={lr: 2}` keeps optim.epochs
+            _merge(node[path[-1]], value)
+        else:
+            node[path[-1]] = value
     return raw
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
 
 
 def _switch_method(section: dict[str, Any], name: Any) -> None:
@@ -306,6 +348,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file (see configs/ for examples)")
+    if path.exists() and not path.is_file():  # /dev/null, a FIFO, a socket
+        raise ConfigError(f"config file {str(path)!r} is not a regular file; give a YAML file (see configs/ for examples)")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
     try:

@@ -53,9 +53,8 @@ class Trainer:
         dist_utils.init(self.info, self.device)
         self.is_main = self.info.is_main
         self.run_dir = Path(run_dir) if run_dir is not None else Path(config.output) / config.name
-        if self.is_main:
-            prepare(self.run_dir, resume=resume, force=force)
-        dist_utils.barrier()
+        # a resume may change only bookkeeping and resumable keys (refused before anything is built)
+        self._resume_changes = resuming.check_overrides(self.run_dir, to_dict(config)) if resume else {}
         self.precision = resolve_precision(config.train.precision, self.device)
         if self.precision == "fp16" and self.device.type == "cpu":
             log.warning("fp16 autocast on CPU is slow; use train.precision=auto")
@@ -86,11 +85,27 @@ class Trainer:
         self.step_log: list[dict[str, Any]] | None = [] if config.train.step_log else None
         self._rank_generator: torch.Generator | None = None
         self._stop_signal: int | None = None
-        if resume:
-            self._resume()
-        if self.is_main:
-            atomic_write_text(self.run_dir / "config.yaml", dump(config))  # a kill mid-write must not break --resume
-        self.metrics = MetricsLog(self.run_dir, config.train.tensorboard, resume_epoch=self.epoch if resume else None) if self.is_main else None
+        # Only now, with everything built and validated, is the run directory created (or moved aside
+        # with --force) and locked for the life of the run (released by fit, or on exit).
+        self._run_lock = prepare(self.run_dir, resume=resume, force=force) if self.is_main else None
+        dist_utils.barrier()
+        try:
+            if resume:
+                self._resume()
+                if self.is_main:
+                    resuming.record_resume(self.run_dir, self.global_step, self._resume_changes)
+            if self.is_main:
+                atomic_write_text(self.run_dir / "config.yaml", dump(config))  # a kill mid-write must not break --resume
+            self.metrics = MetricsLog(self.run_dir, config.train.tensorboard, resume_epoch=self.epoch if resume else None) if self.is_main else None
+        except BaseException:
+            self.release_run_dir()
+            raise
+
+    def release_run_dir(self) -> None:
+        """Unlock the run directory (the run is over); another run may use it from now on."""
+        if getattr(self, "_run_lock", None) is not None:
+            self._run_lock.close()
+            self._run_lock = None
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -140,6 +155,8 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit the configured models: {str(error).splitlines()[0]}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state["config"].get("optim") != to_dict(self.config)["optim"]:  # e.g. optim.lr=0.01 on resume
+            resuming.apply_lr(self.optimizer, self.scheduler, self.config.optim.lr)
         self.scaler.load_state_dict(state["scaler"])
         self.method.load_state_dict(state["method"])
         if self.perturber is not None and state["perturb"] is not None:
@@ -346,6 +363,7 @@ class Trainer:
             for sig, h in previous_handlers.items():
                 signal.signal(sig, h)
             self._write_step_log()
+            self.release_run_dir()
 
     def _after_step_io(self) -> bool:
         """Checkpoint on cadence; stop (True) at train.stop_after_steps; raise Interrupted on a signal."""

@@ -390,11 +390,18 @@ def test_truncated_checkpoint_without_a_previous_one_is_a_clear_error(tmp_path, 
 def test_checkpoint_for_another_config_or_model_says_what_differs(tmp_path, capsys):
     run_dir = stopped_run(tmp_path, capsys, 2)
     code, err = cli(capsys, "train", "--resume", str(run_dir), "method.name=dml")
-    assert_one_line_error(code, err, "made for another run", "method.name is 'cd' in the checkpoint but 'dml' now")
+    assert_one_line_error(code, err, "cannot resume", "method.name changed: it is 'cd' in the run but 'dml' now", "--out")
     code, err = cli(capsys, "train", "--resume", str(run_dir), "models=[faultnet,convnet]")
-    assert_one_line_error(code, err, "models is ['faultnet', 'faultnet'] in the checkpoint but ['faultnet', 'convnet'] now")
+    assert_one_line_error(code, err, "models changed: it is ['faultnet', 'faultnet'] in the run but ['faultnet', 'convnet'] now")
     code, err = cli(capsys, "train", "--resume", str(run_dir), "data.batch_size=16")
     assert_one_line_error(code, err, "global batch of 32")
+    # a checkpoint of another run copied into this one (its config.yaml says cd, the checkpoint dml)
+    (tmp_path / "other").mkdir()
+    other = stopped_run(tmp_path / "other", capsys, 2, "method.name=dml")
+    for name in ("last.pt", "last.prev.pt"):
+        (run_dir / "checkpoints" / name).write_bytes((other / "checkpoints" / name).read_bytes())
+    code, err = cli(capsys, "train", "--resume", str(run_dir))
+    assert_one_line_error(code, err, "made for another run", "method.name is 'dml' in the checkpoint but 'cd' now")
     # a file that is not a kdarena checkpoint at all
     torch.save({"weights": torch.zeros(2)}, run_dir / "checkpoints" / "last.pt")
     (run_dir / "checkpoints" / "last.prev.pt").unlink()

@@ -8,7 +8,7 @@ instead.
 
 Where files are searched (:func:`search_dirs`), in order:
 
-1. ``root`` when given to :func:`load_arrays`;
+1. ``root`` when given to :func:`load_arrays` (then only there: a ``root`` without the data is an error);
 2. ``$KDARENA_DATA``;
 3. the cache ``~/.cache/kdarena`` (``$KDARENA_CACHE`` overrides it), which is also where
    ``download=True`` writes when no ``root`` is given;
@@ -139,11 +139,13 @@ def search_dirs(root: str | None, subdirs: Sequence[str]) -> list[str]:
     """Candidate directories, in search order, for a data set kept in one of ``subdirs``.
 
     Each base directory (``root``, ``$KDARENA_DATA``, the cache, the system directories) is tried
-    itself and with each of ``subdirs`` appended; duplicates are removed, order is kept.
+    itself and with each of ``subdirs`` appended; duplicates are removed, order is kept. A given
+    ``root`` is the only base: data found elsewhere would silently be other data than asked for.
     """
     bases: list[tuple[str, bool]] = []  # (directory, try the directory itself too)
     if root:
-        bases.append((os.path.abspath(os.path.expanduser(root)), True))
+        base = os.path.abspath(os.path.expanduser(root))
+        return list(dict.fromkeys([base] + [os.path.join(base, s) for s in subdirs]))
     env = os.environ.get("KDARENA_DATA")
     if env:
         bases.append((os.path.abspath(os.path.expanduser(env)), True))

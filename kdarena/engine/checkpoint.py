@@ -3,11 +3,18 @@
 A write goes to a temporary file in the same folder, is fsynced, and replaces the target
 with ``os.replace``; the file it replaces is kept as ``<name>.prev.pt``. A crash or a full
 disk at any point leaves the previous checkpoint loadable.
+
+Loading never runs code: ``torch.load(weights_only=True)`` accepts tensors and plain containers
+only (checkpoints are shared: teacher checkpoints, ``kdarena eval``). Everything kdarena saves is
+of that kind; the numpy RNG state is stored as a plain list (older checkpoints held a numpy array,
+whose three numpy globals are allow-listed so they still load).
 """
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,10 +23,50 @@ import numpy as np
 import torch
 
 FORMAT = 1
+#: what a checkpoint must hold to be resumed (``Trainer.state_dict``) or evaluated
+RESUME_KEYS = ("config", "group", "optimizer", "scheduler", "scaler", "method", "epoch", "batch_in_epoch",
+               "global_step", "stats", "best_val", "best_val_any", "history_seconds", "rng")
+EVAL_KEYS = ("config", "group", "epoch")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which file and why."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file that would run code (or build objects kdarena never writes) when unpickled: never loaded."""
+
+
+def _numpy_globals() -> list:
+    """The numpy globals of an RNG-state array in checkpoints written before the state became a list."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _safe_load(path: Path, map_location: Any) -> Any:
+    """``torch.load`` that refuses code; raises :class:`CheckpointError` for unreadable files."""
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if found:
+            raise UnsafeCheckpointError(
+                f"checkpoint {str(path)!r} holds code or objects kdarena does not write ({found.group(1)}) and was not loaded; "
+                f"use checkpoints written by kdarena, or a plain state_dict of tensors") from None
+        detail = _detail(error)
+    except Exception as error:  # truncated zip, wrong format
+        detail = _detail(error)
+    raise CheckpointError(f"checkpoint {str(path)!r} is unreadable (truncated or corrupt?): {detail}")
+
+
+def _detail(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if "WeightsUnpickler error" in line] or lines[:1] or [""]
+    return f"{type(error).__name__}: {useful[0]}"
 
 
 def previous_path(path: Path) -> Path:
@@ -29,14 +76,22 @@ def previous_path(path: Path) -> Path:
 def save_atomic(state: dict[str, Any], path: str | Path, keep_previous: bool = True) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(path.name + ".*.tmp"):  # left by a process killed mid-write
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    _remove_stale_temporaries(path)
+    # the PID in the name tells whose file it is (see _remove_stale_temporaries)
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        with os.fdopen(fd, "wb") as raw:
+            handle = _Writer(raw)
+            try:
+                torch.save(state, handle)
+                raw.flush()
+            except Exception:
+                # A full disk inside torch's zip writer surfaces as RuntimeError("unexpected pos"):
+                # report the OSError that caused it instead.
+                if handle.error is not None:
+                    raise handle.error from None
+                raise
+            os.fsync(raw.fileno())
         if keep_previous and path.exists():
             _keep_previous(path)
         os.replace(tmp, path)
@@ -44,6 +99,55 @@ def save_atomic(state: dict[str, Any], path: str | Path, keep_previous: bool = T
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class _Writer:
+    """The file object torch writes to; remembers the first OSError (e.g. ENOSPC) a write raised."""
+
+    def __init__(self, raw):
+        self.raw, self.error = raw, None
+
+    def write(self, data) -> int:
+        try:
+            return self.raw.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.raw.flush()
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.raw, name)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove ``<name>.<pid>.*.tmp`` files left by dead processes (killed mid-write) or by this one.
+
+    Another live process's temporary file is its write in progress and stays. A name without a
+    PID comes from a kdarena that did not write one: stale by now.
+    """
+    for stale in path.parent.glob(path.name + ".*.tmp"):
+        owner = stale.name[len(path.name) + 1:].split(".", 1)[0]
+        if owner.isdigit() and int(owner) != os.getpid() and _alive(int(owner)):
+            continue
+        stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    except OverflowError:  # not a PID at all
+        return False
+    return True
 
 
 def _keep_previous(path: Path) -> None:
@@ -77,23 +181,27 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and sanity-check a kdarena checkpoint, raising :class:`CheckpointError`."""
+def load(path: str | Path, map_location: str | torch.device = "cpu", required: tuple[str, ...] = RESUME_KEYS) -> dict[str, Any]:
+    """Load and sanity-check a kdarena checkpoint holding ``required``, raising :class:`CheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # truncated zip, wrong format, unpickling failure
-        detail = (str(error).splitlines() or [""])[0]
-        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable (truncated or corrupt?): {type(error).__name__}: {detail}") from None
+    state = _safe_load(path, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT or "group" not in state:
         raise CheckpointError(f"{str(path)!r} is not a kdarena checkpoint (format {FORMAT})")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}: it is incomplete (edited, or written by "
+                              f"another tool); use a checkpoint written by kdarena")
+    if not isinstance(state["group"], dict) or not isinstance(state.get("config", {}), dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} has no weights or config of the expected kind; use a checkpoint written by kdarena")
     return state
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's state as plain values (a list, not an array): loadable with weights_only=True
+    state = {"torch": torch.get_rng_state(), "numpy": (name, keys.tolist(), pos, has_gauss, cached), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -101,7 +209,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -111,10 +220,12 @@ def load_network_state(path: Path, index: int, key: str = "method.teacher_checkp
     """One network's weights from a kdarena checkpoint (network ``index``) or a plain state_dict file."""
     if not path.is_file():
         raise ValueError(f"{key}={str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "group" in state:
+    state = _safe_load(path, "cpu")
+    if isinstance(state, dict) and isinstance(state.get("group"), dict):
         prefix = f"networks.{index}."
         state = {k[len(prefix):]: v for k, v in state["group"].items() if k.startswith(prefix)}
         if not state:
             raise ValueError(f"method.teacher_index={index} is not a network of {path}")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{key}={str(path)!r} is neither a kdarena checkpoint nor a state_dict of tensors")
     return state

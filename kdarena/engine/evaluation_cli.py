@@ -12,7 +12,7 @@ from .evaluate import evaluate
 
 
 def evaluate_checkpoint(path: str, split: str = "test", overrides: list[str] | None = None) -> dict[str, Any]:
-    state = ckpt.load(path)
+    state = ckpt.load(path, required=ckpt.EVAL_KEYS)
     config = validate(apply_overrides(state["config"], overrides or []))
     info = dist_utils.DistInfo()
     device = dist_utils.resolve_device(config.train.device, info)
@@ -20,7 +20,11 @@ def evaluate_checkpoint(path: str, split: str = "test", overrides: list[str] | N
     loader = data.val if split == "val" else data.test
     if loader is None:
         raise ValueError("the run has no validation split (data.val_size=0); use --split test")
-    group.load_state_dict(state["group"])
+    try:
+        group.load_state_dict(state["group"])
+    except RuntimeError as error:  # other models, or a data set with other channels / classes
+        raise ckpt.CheckpointError(f"checkpoint {path} does not fit the configured models and data set: "
+                                   f"{str(error).splitlines()[0]}; evaluate it with the models and data.name it was trained with") from None
     results: dict[str, Any] = {"checkpoint": path, "epoch": state["epoch"], "split": split}
     results.update(evaluate(group, loader, device, config.train.precision))
     return results

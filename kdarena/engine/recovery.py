@@ -20,10 +20,13 @@ def handle_nonfinite(trainer: "Trainer", bad: list[int], teacher: int, step: int
     """Apply the policy to the networks ``bad`` before the optimizer step (``step``: the step, when read late)."""
     policy = trainer.config.train.nonfinite
     if policy == "stop":
+        last = trainer.checkpoint_dir / "last.pt"
+        # point at a checkpoint only when one exists; optim.lr and train.nonfinite may change on resume
+        where = (f"the last checkpoint is {last}; resume with --resume {trainer.run_dir} and a lower optim.lr, or"
+                 if last.is_file() else "no checkpoint has been written yet; start again with a lower optim.lr, or")
         raise NonFiniteLossError(
             f"network(s) {bad} produced a non-finite loss at step {trainer.global_step if step is None else step} (epoch {trainer.epoch}); "
-            f"the last checkpoint is in {trainer.checkpoint_dir}; lower optim.lr, set optim.grad_clip, "
-            f"or choose train.nonfinite=skip or rebirth"
+            f"{where} set optim.grad_clip, or choose train.nonfinite=skip or rebirth"
         )
     for i in bad:
         # Its gradients are NaN/Inf: drop them, so the optimizer leaves the network untouched this step.

@@ -1,25 +1,90 @@
 """Resuming a run: which checkpoint to trust, and whether it belongs to the run being resumed."""
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from ..config import flatten
-from .checkpoint import CheckpointError, load, previous_path
+from ..config import ConfigError, flatten, marked_keys
+from .checkpoint import CheckpointError, UnsafeCheckpointError, load, previous_path
 
 log = logging.getLogger("kdarena")
 
 
-def describe_mismatch(saved: dict[str, Any], current: dict[str, Any], keys=("models", "data.name", "method.name")) -> str | None:
-    """Name the first structural setting that differs between two config dicts."""
+#: reported first when several differ (they say most plainly that it is another run)
+FIRST = ("models", "data.name", "method.name")
+#: compared as the global batch (batch x processes) by :func:`check_compatible`, not key by key
+GLOBAL_BATCH = "data.batch_size"
+
+
+def _changed(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Keys (dotted) present in both config dicts whose values differ: {key: (saved, current)}.
+
+    A key only one side has (written by another kdarena version) is not a change.
+    """
     a, b = flatten(saved), flatten(current)
-    for key in keys:
-        if a.get(key, saved.get(key)) != b.get(key, current.get(key)):
-            return f"{key} is {a.get(key, saved.get(key))!r} in the checkpoint but {b.get(key, current.get(key))!r} now"
+    keys = [k for k in FIRST if k in a and k in b] + sorted(k for k in a.keys() & b.keys() if k not in FIRST)
+    return {k: (a[k], b[k]) for k in keys if a[k] != b[k]}
+
+
+def _may_change() -> set[str]:
+    """Keys a resume may change: the schema's bookkeeping and resumable ones (see kdarena.config)."""
+    return marked_keys("bookkeeping") | marked_keys("resumable") | {GLOBAL_BATCH}
+
+
+def describe_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Name the first setting that differs between two config dicts and may not change on resume."""
+    allowed = _may_change()
+    for key, (old, new) in _changed(saved, current).items():
+        if key not in allowed:
+            return f"{key} is {old!r} in the checkpoint but {new!r} now"
     return None
+
+
+def check_overrides(run_dir: Path, current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The changes a resume makes to the run's recorded config.yaml; refuse one that changes the run's meaning."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}  # unreadable: the caller's own checks report it
+    if not isinstance(saved, dict):
+        return {}
+    changes = _changed(saved, current)
+    allowed = _may_change()
+    for key, (old, new) in changes.items():
+        if key not in allowed:
+            raise ConfigError(f"cannot resume {run_dir} with {key} changed: it is {old!r} in the run but {new!r} now, which "
+                              f"changes what the run is; resume without that override, or start a new run with --out")
+    return changes
+
+
+def record_resume(run_dir: Path, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Append this resume to the run's history, RUN_DIR/resumes.jsonl (time, step, changed keys [old, new])."""
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, "changed": {k: list(v) for k, v in changes.items()}}
+    with open(run_dir / "resumes.jsonl", "a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, scheduler: Any, lr: float) -> None:
+    """After loading their states, make ``lr`` (optim.lr, which may change on resume) the base LR.
+
+    The loaded states carry the old base LR (param groups' ``initial_lr``, the scheduler's
+    ``base_lrs``) and the current LR of the old schedule; set both from ``lr`` and the schedule now
+    configured (optim.epochs may have changed too), as LambdaLR computes it at this step.
+    """
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def load_for_resume(path: Path, device: torch.device, is_main: bool) -> tuple[dict[str, Any] | None, Path]:
@@ -34,7 +99,8 @@ def load_for_resume(path: Path, device: torch.device, is_main: bool) -> tuple[di
     try:
         return load(path, map_location=device), path
     except CheckpointError as error:
-        if not previous.is_file():
+        # a file that holds code was planted, not cut short by a crash: stop rather than fall back
+        if not previous.is_file() or isinstance(error, UnsafeCheckpointError):
             raise
         log.warning("%s; resuming from the previous checkpoint %s instead", error, previous)
         state = load(previous, map_location=device)

@@ -1,4 +1,4 @@
-"""The run directory: creation without silent overwrites, metrics.jsonl, summary.json, TensorBoard."""
+"""The run directory: creation without silent overwrites, one run at a time, metrics.jsonl, summary.json, TensorBoard."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,14 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no run-directory lock
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".lock"
 
 
 class RunDirError(RuntimeError):
@@ -26,25 +33,66 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def prepare(run_dir: Path, resume: bool, force: bool) -> None:
-    """Create ``run_dir``; refuse to reuse one that holds a run unless resuming or forced.
+def lock(run_dir: Path) -> IO[str] | None:
+    """Hold RUN_DIR/.lock exclusively (it records our PID) until the returned file is closed.
 
-    ``force`` never deletes: the old directory is renamed to ``<name>.old-<timestamp>``.
+    ``flock`` belongs to the open file: the kernel drops it when the holder exits or is killed, so
+    a lock left by a dead process is simply taken over. Two Trainers in one process conflict too.
     """
-    occupied = run_dir.exists() and any(run_dir.iterdir())
+    if fcntl is None:
+        return None
+    handle = open(run_dir / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunDirError(f"run directory {run_dir} is in use by another kdarena run (PID {holder}); wait for it to end, "
+                          f"or choose another directory with --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def prepare(run_dir: Path, resume: bool, force: bool) -> IO[str] | None:
+    """Create ``run_dir`` and lock it (see :func:`lock`; close the result to unlock); refuse to
+    reuse one that holds a run unless resuming or forced, and one that another run is using.
+
+    ``force`` never deletes: the old directory is renamed to ``<name>.old-<timestamp>[-k]``.
+    """
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise RunDirError(f"cannot resume: {run_dir} holds no run (no config.yaml); start a new run without --resume")
-        return
-    if occupied:
+        return lock(run_dir)
+    old = lock(run_dir) if run_dir.is_dir() else None  # held while the old run is moved aside: no one is using it
+    if not (run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir())):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return old if old is not None else lock(run_dir)
+    try:
         if not force:
             raise RunDirError(
                 f"run directory {run_dir} already holds a run; continue it with --resume {run_dir}, "
                 f"choose another with --out, or pass --force to move it aside"
             )
-        backup = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(str(run_dir), str(backup))
+        shutil.move(str(run_dir), str(_backup_path(run_dir)))
+    finally:
+        if old is not None:
+            old.close()  # its lock file went with the old run
     run_dir.mkdir(parents=True, exist_ok=True)
+    return lock(run_dir)
+
+
+def _backup_path(run_dir: Path) -> Path:
+    """``<name>.old-<timestamp>``, with ``-1``, ``-2``... when a backup of that second exists (no nesting)."""
+    base = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    backup, k = base, 0
+    while backup.exists():
+        k += 1
+        backup = base.with_name(f"{base.name}-{k}")
+    return backup
 
 
 class MetricsLog:
@@ -54,8 +102,9 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         if resume_epoch is not None and self.path.exists():
             # a line cut short by a kill mid-append parses as None and is dropped with the re-run epochs
-            kept = [line for line in self.path.read_text().splitlines()
-                    if (_parse(line) or {}).get("epoch", resume_epoch) < resume_epoch]
+            lines = self.path.read_text().splitlines()
+            epochs = [_epoch_of(self.path, n, line, resume_epoch) for n, line in enumerate(lines, 1)]
+            kept = [line for line, epoch in zip(lines, epochs) if epoch < resume_epoch]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self.writer = None
         if tensorboard:
@@ -99,6 +148,14 @@ def _parse(line: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def _epoch_of(path: Path, number: int, line: str, default: int) -> int:
+    """The epoch of a metrics line (``default`` for a truncated one); an edited, wrong-typed one is an error."""
+    epoch = (_parse(line) or {}).get("epoch", default)
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise RunDirError(f"{path} line {number}: 'epoch' is {epoch!r}, not an integer; fix or delete that line, then resume again")
+    return epoch
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
