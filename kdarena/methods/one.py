@@ -44,11 +44,13 @@ class OnTheFlyNativeEnsemble(GroupMethod):
     The gated ensemble is evaluated every epoch as ``gate_ensemble/{val,test}_top1`` beside each
     branch (``net{i}``) and the plain mean-of-softmax ``ensemble``.
 
-    Cost (``benchmarks/branched.py``, CIFAR-100, 32x32, batch 64, fp32, CPU, one thread on a shared
-    2-core machine, median of 10 steps): a branched ResNet-32 with 3 branches has 1,066,896
-    parameters against 1,409,580 for 3 separate ResNet-32 (0.76x: the shared trunk is counted once),
-    and its training step (forward + backward) took 0.47 s against 0.66 s (0.71x). Numbers are
-    filled in from the benchmark; rerun it on your machine.
+    Cost (``benchmarks/branched.py``: CIFAR-100 heads, 32x32 inputs, batch 64, fp32, one CPU thread
+    on a shared, loaded 2-core machine, median of 10 steps, groups interleaved; expect noise): a
+    branched ResNet-32 with 3 branches has 1,186,085 parameters with ONE's gate (1,185,980 without)
+    against 1,410,012 for 3 separate ResNet-32 (0.84x: the trunk, i.e. stem + stages 1-2, is counted
+    once; most parameters live in the last stage, which every branch copies), and a training step
+    (forward, loss, backward, SGD) took 2.56 s against 4.77 s for DML on 3 separate networks (0.54x;
+    the three stages cost about the same FLOPs, so 5 stage-passes instead of 9 predicts 0.56x).
     """
 
     label = "ONE: branches on a shared trunk distil from their gated ensemble"
