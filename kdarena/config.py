@@ -64,6 +64,8 @@ class DataConfig(_Section):
                                       "size (default: the images' own size up to 64 px, else 224)")
     num_workers: int = Field(4, ge=0, json_schema_extra=BOOKKEEPING, description="image folders: DataLoader workers")
     train_subset: Optional[int] = Field(None, ge=1, description="use only this many training samples (quick tests)")
+    classes: Optional[int] = Field(None, ge=2, description="keep only the first K classes (in the data set's class order) "
+                                   "in every split: e.g. the map of accuracy against the number of classes")
     skip_bad_images: bool = False
     cache_max_gb: float = Field(4.0, ge=0, description="image folders/archives: decode once into memory (cached under "
                                 "~/.cache/kdarena) when the decoded set fits this many GB; larger folders are streamed (0: always stream)")

@@ -45,9 +45,20 @@ def _normalisation_override(config: Config, sets: list[ArrayDataset]) -> None:
             setattr(ds, key, tuple(float(v) for v in values))
 
 
+def first_classes(data: ArrayDataset, k: int) -> ArrayDataset:
+    """The samples of the first ``k`` classes (labels unchanged: they are already 0..k-1)."""
+    if k > data.num_classes:
+        raise ConfigError(f"data.classes={k} but {data.name} has {data.num_classes} classes; use at most {data.num_classes}")
+    keep = torch.nonzero(data.labels < k).flatten()
+    return ArrayDataset(images=data.images[keep].contiguous(), labels=data.labels[keep].contiguous(), num_classes=k,
+                        mean=data.mean, std=data.std, classes=list(data.classes)[:k], name=data.name)
+
+
 def _array_loaders(config: Config, device: torch.device, rank: int, world: int, arrays=None) -> DataBundle:
     d = config.data
     train, test = arrays if arrays is not None else load_arrays(d.name, root=d.root, download=d.download)
+    if d.classes is not None:
+        train, test = first_classes(train, d.classes), first_classes(test, d.classes)
     _normalisation_override(config, [train, test])
     if d.train_subset is not None and d.train_subset < len(train):
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(d.val_seed))
@@ -87,6 +98,8 @@ def _folder_loaders(config: Config, device: torch.device, rank: int, world: int)
     from .imagefolder import ImageFolder
 
     d = config.data
+    if d.classes is not None:
+        raise ConfigError("data.classes needs the data set decoded in memory; raise data.cache_max_gb or drop data.classes")
     if not d.root:
         raise ConfigError("data.name=imagefolder needs data.root: a folder with train/ and val/ (or test/) class folders")
     root = Path(d.root)

@@ -115,7 +115,7 @@ def _make(depth: int, widths: Sequence[int], shortcut: str):
     return build
 
 
-for _depth in (20, 32, 44, 56, 110):
+for _depth in (8, 14, 20, 32, 44, 56, 110):  # 8 and 14: the small CIFAR ResNets of the KD literature (RepDistiller)
     register(f"resnet{_depth}")(_make(_depth, (16, 16, 32, 64), "A"))
 register("resnet8x4")(_make(8, (32, 64, 128, 256), "B"))
 register("resnet32x4")(_make(32, (32, 64, 128, 256), "B"))
