@@ -87,7 +87,8 @@ class KDCL(GroupMethod):
       augmentation of the same images (``Needs(own_views=True)``: the trainer draws one view per
       network), and the ensemble combines the peers' outputs on *their own* views, as the paper
       does: the teacher is the ensemble of what the peers actually computed, no extra forward pass.
-      The student's KL compares that ensemble with its output on its own view.
+      The student's KL compares that ensemble with its output on its own view. Views differ only
+      where the data is augmented (``data.crop_padding``/``flip``/``rotation``).
     * A peer with non-finite logits is left out of the ensemble (mean or minimum over the rest);
       if every peer is non-finite the KL term is zero. One diverged network cannot poison the others.
     * The paper's "linear" and "general" ensembles fit weights on held-out data and are not offered.
