@@ -123,3 +123,11 @@ def test_arena_presets_sweep_and_report(tmp_path):
     order = [next(i for i, line in enumerate(rows) if line.startswith(f"| {m} ")) for m in ("independent", "kdcl", "pcl", "pskd")]
     assert order == sorted(order)  # registration order
     assert "naive ensemble" in report and "EMA 0.999" in report and "α_T 0.8" in report
+
+
+def test_kdcl_peers_get_their_own_augmented_views(tmp_path):
+    trainer = Trainer(tiny("method.name=kdcl", "data.crop_padding=4"), tmp_path / "views")
+    x, y, index, views = next(trainer._batches())
+    assert len(views) == 1 and views[0].shape == x.shape and not torch.equal(views[0], x)
+    trainer = Trainer(tiny("method.name=kdcl", "method.own_views=false", "data.crop_padding=4"), tmp_path / "shared")
+    assert next(trainer._batches())[3] is None
