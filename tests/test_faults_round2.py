@@ -26,7 +26,7 @@ from kdarena.engine.runlog import read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_faults import (  # noqa: E402  (registers the faultnet model; _isolate is an autouse fixture)
-    FAULT, KILL_FORWARD_ENV, SLEEP_ENV, TINY, _isolate, assert_one_line_error, cli, launch, stopped_run,
+    FAULT, SLEEP_ENV, TINY, _isolate, assert_one_line_error, cli, launch, stopped_run,
     wait_for_training, write_cifar10, write_config, write_fashion,
 )
 
