@@ -622,3 +622,68 @@ def test_extract_tar_refuses_escaping_members(tmp_path):
     with pytest.raises(ValueError, match="leaves the target"):
         extract_tar(str(archive), str(tmp_path / "out"), "top")
     assert not (tmp_path / "escape.txt").exists()
+
+
+# ----------------------------------------------------------------------------- iterate_batches, rotation
+def test_iterate_batches_indices_and_extra_views():
+    from kdarena.data.tensor_loader import Batch
+
+    ds = indexed_dataset()
+    plain = TensorLoader(ds, 16, "cpu", train=True, seed=3, flip=True)  # no crop: pixel (0, 0..1) keeps the id
+    ld = TensorLoader(ds, 16, "cpu", train=True, seed=3, flip=True)
+    reference = list(plain.iterate(2, 1))
+    batches = list(ld.iterate_batches(2, 1, views=3))
+    assert len(batches) == len(reference) == len(ld) - 1 and isinstance(batches[0], Batch)
+    for b, (x, y) in zip(batches, reference):
+        assert torch.equal(b.x, x) and torch.equal(b.y, y)  # view 0 is iterate's batch, bit for bit
+        assert b.index.dtype == torch.int64 and torch.equal(ds.labels[b.index], b.y)
+        unflipped = [i for i in range(len(b.index)) if sample_ids(b.x[i:i + 1]) == b.index[i:i + 1].tolist()]
+        assert len(unflipped) > 0  # images that were not flipped show their own id at (0, 0..1)
+        assert len(b.views) == 2 and all(v.shape == b.x.shape for v in b.views)
+        for v in b.views:  # the same images, each flipped or not independently
+            same = v.eq(b.x).flatten(1).all(1)
+            mirror = v.flip(3).eq(b.x).flatten(1).all(1)
+            assert bool((same | mirror).all())
+    assert any(not torch.equal(b.views[0], b.x) for b in batches) and any(not torch.equal(b.views[0], b.views[1]) for b in batches)
+    again = list(TensorLoader(ds, 16, "cpu", train=True, seed=3, flip=True).iterate_batches(2, 1, views=3))
+    assert all(torch.equal(a.views[1], b.views[1]) for a, b in zip(again, batches))  # deterministic
+    assert torch.equal(list(ld.iterate(2, 1))[0][0], reference[0][0])  # asking for views changed nothing
+    with pytest.raises(ValueError, match="views must be an int >= 1"):
+        next(ld.iterate_batches(0, 0, views=0))
+
+
+def test_rotation():
+    from kdarena.data.tensor_loader import rotate_nearest
+
+    x = torch.randint(0, 256, (3, 2, 7, 7), dtype=torch.uint8)
+    assert torch.equal(rotate_nearest(x, torch.zeros(3)), x)
+    quarter = rotate_nearest(x, torch.full((3,), 90.0))
+    assert torch.equal(quarter, torch.rot90(x, 1, (2, 3))) or torch.equal(quarter, torch.rot90(x, -1, (2, 3)))
+    corners = rotate_nearest(torch.full((1, 1, 8, 8), 9, dtype=torch.uint8), torch.tensor([45.0]))
+    assert corners[0, 0, 0, 0] == 0 and corners[0, 0, 4, 4] == 9  # zero fill outside the rotated square
+    ds = indexed_dataset(h=12, w=12)
+    base = TensorLoader(ds, 20, "cpu", train=True, seed=1, crop_padding=2, flip=True)
+    rot = TensorLoader(ds, 20, "cpu", train=True, seed=1, crop_padding=2, flip=True, rotation=15)
+    order, offsets, flips = rot.epoch_plan(0)
+    b_order, b_offsets, b_flips = base.epoch_plan(0)
+    assert torch.equal(order, b_order) and torch.equal(offsets, b_offsets) and torch.equal(flips, b_flips)
+    angles = rot._plan(0)[3]
+    assert float(angles.abs().max()) <= 15 and float(angles.std()) > 3
+    for (xb, yb), (xr, yr), (a, b) in zip(base.iterate(0), rot.iterate(0), rot._spans):
+        assert torch.equal(yb, yr)
+        assert torch.equal(xr, rotate_nearest(xb, angles[a:b]))  # rotation comes after crop and flip
+    zero = TensorLoader(ds, 20, "cpu", train=True, seed=1, crop_padding=2, flip=True, rotation=0)
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(zero.iterate(0), base.iterate(0)))
+    with pytest.raises(ValueError, match="rotation"):
+        TensorLoader(ds, 20, "cpu", rotation=200)
+
+
+def test_folderloader_iterate_batches(tmp_path):
+    make_folder(tmp_path / "f")
+    ds = ImageFolder(str(tmp_path / "f"), image_size=16)
+    ld = FolderLoader(ds, 2, "cpu", train=True, seed=4, num_workers=0)
+    for b, (x, y) in zip(ld.iterate_batches(1), ld.iterate(1)):
+        assert torch.equal(b.x, x) and torch.equal(b.y, y) and b.views == []
+        assert [ds.targets[i] for i in b.index.tolist()] == y.tolist()
+    with pytest.raises(ValueError, match="one view per image"):
+        next(ld.iterate_batches(0, 0, views=2))
