@@ -319,3 +319,14 @@ def test_data_inspect_prints_the_summary_and_writes_the_grid(tmp_path, capsys):
         assert img.format == "PNG" and img.size[0] > 200
     assert main(["data", "inspect", str(archive), "--out", str(png)]) == 0
     assert "from the cache" in capsys.readouterr().out
+
+
+def test_root_found_through_kdarena_data(tmp_path, monkeypatch):
+    archive = tar_of(write_folder(tmp_path / "ds"), tmp_path / "store" / "mine.tar.gz") if (tmp_path / "store").mkdir() is None else None
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDARENA_DATA", str(tmp_path / "store"))
+    assert load("mine.tar.gz")[2].root == str(archive)  # a config's relative root, looked up in $KDARENA_DATA
+    monkeypatch.setenv("KDARENA_DATA", str(archive))
+    assert load(None)[2].root == str(archive)  # $KDARENA_DATA naming the data set itself
+    with pytest.raises(ImageDataError, match="other.tar.gz not found"):
+        load("other.tar.gz")
