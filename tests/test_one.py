@@ -279,3 +279,17 @@ def test_branched_resume_is_bitwise_exact(tmp_path, method, extra):
     assert all(torch.equal(a["group"][k], b["group"][k]) for k in a["group"])
     losses = lambda d: [[r[f"net{i}/train_loss"] for i in range(3)] for r in read_metrics(d)]  # noqa: E731
     assert losses(full_dir) == losses(split_dir)
+
+
+def test_sweep_and_report_run_one_dml_and_cd_on_the_same_branches(tmp_path):
+    from kdarena.config import dump
+    from kdarena.experiments.report import write_report
+    from kdarena.experiments.sweep import presets, run_sweep
+
+    assert presets()["one"] == ["method.name=one", "perturb.enabled=false"]
+    config = tmp_path / "branched.yaml"
+    config.write_text(dump(tiny(f"output={tmp_path}", "data.train_subset=160", "method.name=one")))
+    runs = run_sweep(config, [], "one,dml,cd", "0", tmp_path / "exp")
+    assert [(r["label"], r["status"]) for r in runs] == [(m, "trained") for m in ("one", "dml", "cd")]
+    rows = [line for line in write_report([str(tmp_path / "exp")]).splitlines() if line.startswith("| ")]
+    assert any(line.startswith("| one ") for line in rows) and any(line.startswith("| cd ") for line in rows)

@@ -33,6 +33,8 @@ The shared trunk, decided and documented:
 * ``group.network_parameters(i)`` is head i's parameters, the adapters it owns *and the shared
   trunk and gate*: a non-finite loss of any branch makes the trunk's gradient non-finite, so
   ``train.nonfinite=skip`` drops branch i's step and the trunk's (the other branches still step).
+  The trainer's restore of a non-finite batch's BatchNorm statistics covers the branch's own
+  BatchNorms only; the trunk's running statistics keep that batch.
   Per-network gradient clipping (``optim.grad_clip``) clips (trunk + head i) for each i in turn, so
   the trunk's gradient is scaled by every branch's clipping factor (never enlarged).
 * ``train.fused`` and ``train.compile`` are refused for branched groups (one-line config errors).
@@ -55,7 +57,7 @@ from .wrn import WideResNet
 PREFIX = "branched:"
 #: base name -> (depth, widen factor or None for the CIFAR ResNets)
 BASES: dict[str, tuple[int, int | None]] = {
-    **{f"resnet{d}": (d, None) for d in (20, 32, 44, 56, 110)},
+    **{f"resnet{d}": (d, None) for d in (8, 14, 20, 32, 44, 56, 110)},
     "wrn16_2": (16, 2), "wrn40_2": (40, 2), "wrn28_10": (28, 10),
 }
 
