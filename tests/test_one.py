@@ -17,7 +17,7 @@ from kdarena.config import ConfigError, load
 from kdarena.engine import checkpoint as ckpt
 from kdarena.engine.runlog import read_metrics
 from kdarena.methods import registry
-from kdarena.models.branched import BranchedGroup, BranchView, GateEnsemble
+from kdarena.models.branched import BranchedGroup, BranchView, GateEnsemble, whole
 from kdarena.trainer import Trainer, train
 
 BRANCHED3 = "models=[branched:resnet20,branched:resnet20,branched:resnet20]"
@@ -207,6 +207,10 @@ def test_view_load_and_deepcopy_keep_the_trunk_shared():
     group.eval(), clone.eval()
     x = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(clone(x), group.networks[0](x))
+    # whole(view) pairs parameter for parameter with the deep copy (e.g. for a temporal mean)
+    pairs = list(zip(clone.parameters(), whole(group.networks[0]).parameters(), strict=True))
+    assert all(a.shape == b.shape and torch.equal(a, b) for a, b in pairs)
+    assert any(b is group.trunk.conv1.weight for _, b in pairs)
 
 
 def test_gate_ensemble_needs_a_gate():

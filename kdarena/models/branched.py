@@ -263,6 +263,15 @@ class GateEnsemble(nn.Module):
         return (g.to(z.dtype).unsqueeze(2) * z).sum(dim=1)
 
 
+def whole(network: nn.Module) -> nn.Module:
+    """All that ``network`` computes with as one module: for a branch of a shared trunk, a standalone
+    view that registers that trunk and head (parameters in the order of the branch's deep copy, so a
+    temporal mean can be paired with it); any other network itself."""
+    if isinstance(network, BranchView) and network.shared:
+        return BranchView(network.get_trunk(), network.head, shared=False)
+    return network
+
+
 def is_branched(names: Sequence[str]) -> bool:
     return any(str(name).startswith(PREFIX) for name in names)
 
