@@ -23,16 +23,15 @@ from . import __version__
 from .config import Config, dump, to_dict
 from .engine import checkpoint as ckpt, distributed as dist_utils, resume as resuming
 from .engine.build import Parts, build_parts
-from .engine.evaluate import autocast_context, evaluate, evaluate_network, resolve_precision
+from .engine.evaluate import autocast_context, epoch_line, evaluate_splits, resolve_precision
 from .engine.recovery import NonFiniteLossError, handle_nonfinite
-from .engine.runlog import MetricsLog, atomic_write_text, prepare, read_metrics, write_json
+from .engine.runlog import MetricsLog, atomic_write_text, install_stop_handlers, prepare, read_metrics, write_json
 from .engine.stats import EpochStats, summarize
 from .engine.device_skip import DeviceSkip
 from .engine.step_values import Packed, PendingValues, StepValues, pack
 from .losses import cross_entropy
 from .methods import GroupLosses, StepInput
 from .perturb import GroupBatchNormSnapshot, Perturbation, frozen_bn_stats
-from .rng import keyed_seed
 
 log = logging.getLogger("kdarena")
 
@@ -83,7 +82,6 @@ class Trainer:
         self.history_seconds = 0.0
         # A list records every step (tests); train.step_log also writes it to RUN_DIR/steps.rank<r>.jsonl.
         self.step_log: list[dict[str, Any]] | None = [] if config.train.step_log else None
-        self._rank_generator: torch.Generator | None = None
         self._stop_signal: int | None = None
         # Only now, with everything built and validated, is the run directory created (or moved aside
         # with --force) and locked for the life of the run (released by fit, or on exit).
@@ -113,27 +111,8 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "format": ckpt.FORMAT,
-            "version": __version__,
-            "config": to_dict(self.config),
-            "group": self.group.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "method": self.method.state_dict(),
-            "perturb": self.perturber.state_dict() if self.perturber else None,
-            "mutation": self.mutations.state_dict() if self.mutations else None,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "global_step": self.global_step,
-            "stats": self.stats.state_dict(),
-            "best_val": self.best_val,
-            "best_val_any": self.best_val_any,
-            "history_seconds": self.history_seconds,
-            "rng": ckpt.rng_state(),
-            "world_size": self.info.world_size,
-        }
+        """Everything a checkpoint holds (exact resume: weights, optimizer, every RNG, the epoch's statistics)."""
+        return resuming.capture(self)
 
     def save(self, name: str = "last.pt") -> None:
         self.read_pending()  # a checkpoint holds the epoch's statistics: every step must be counted first
@@ -142,34 +121,7 @@ class Trainer:
         dist_utils.barrier()
 
     def _resume(self) -> None:
-        state, path = resuming.load_for_resume(self.checkpoint_dir / "last.pt", self.device, self.is_main)
-        if state is None:
-            # Stopped (e.g. killed) before its first checkpoint: nothing to restore, start from step 0.
-            if self.is_main:
-                log.warning("%s holds no checkpoint yet; starting the run from the beginning", self.run_dir)
-            return
-        resuming.check_compatible(state, path, to_dict(self.config), self.config.data.batch_size, self.info.world_size)
-        try:
-            self.group.load_state_dict(state["group"])
-        except RuntimeError as error:
-            raise ckpt.CheckpointError(f"checkpoint {path} does not fit the configured models: {str(error).splitlines()[0]}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["config"].get("optim") != to_dict(self.config)["optim"]:  # e.g. optim.lr=0.01 on resume
-            resuming.apply_lr(self.optimizer, self.scheduler, self.config.optim.lr)
-        self.scaler.load_state_dict(state["scaler"])
-        self.method.load_state_dict(state["method"])
-        if self.perturber is not None and state["perturb"] is not None:
-            self.perturber.load_state_dict(state["perturb"])
-        if self.mutations is not None and state.get("mutation") is not None:
-            self.mutations.load_state_dict(state["mutation"])
-        self.epoch, self.batch_in_epoch, self.global_step = state["epoch"], state["batch_in_epoch"], state["global_step"]
-        self.stats.load_state_dict(state["stats"])
-        self.best_val, self.best_val_any = state["best_val"], state["best_val_any"]
-        self.history_seconds = state["history_seconds"]
-        ckpt.set_rng_state(state["rng"])
-        if self.is_main:
-            log.info("resumed from %s at epoch %d, batch %d", path, self.epoch, self.batch_in_epoch)
+        resuming.restore(self)
 
     # ------------------------------------------------------------------ one step
     def train_step(self, x: Tensor, y: Tensor, index: Tensor | None = None, views: list[Tensor] | None = None) -> dict[str, Any] | None:
@@ -178,7 +130,7 @@ class Trainer:
         Returns the step's record, or None while its numbers wait on the device (``train.host_every`` > 1).
         """
         context = (self.global_step, *self._decisions())
-        decision, mutated = context[1], context[2]
+        decision = context[1]
         inputs, targets = self._perturbed_inputs(x, y, decision, views)
         bn_stats = GroupBatchNormSnapshot(self.group.networks)  # a non-finite batch must not reach running statistics
         out = self._forward(inputs, decision)
@@ -238,8 +190,9 @@ class Trainer:
         own = [x, *views] if views else None  # network i's own augmentation of the batch
         if decision is None:
             return own if own else x, [y] * self.n
-        base = own[decision.network] if own else x
-        x_p, t_p = self.perturber.apply(decision, base, y, self._sample_generator())
+        # under torchrun each rank perturbs its own slice with its own noise (the decision is shared)
+        generator = self.perturber.rank_generator(self.info.rank, self.global_step, self.device) if self.info.enabled else None
+        x_p, t_p = self.perturber.apply(decision, own[decision.network] if own else x, y, generator)
         inputs = [x_p if i == decision.network else (own[i] if own else x) for i in range(self.n)]
         return inputs, [t_p if i == decision.network else y for i in range(self.n)]
 
@@ -285,32 +238,9 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
 
-    def _sample_generator(self) -> torch.Generator | None:
-        """Generator for the perturbation op's per-sample randomness.
-
-        One process: None (the scheduler's own seeded stream). Under torchrun every rank perturbs its
-        own slice of the global batch, so each rank reseeds a generator from (scheduler seed, rank,
-        step): ranks draw different noise, and a resumed run draws the same, with no extra state.
-        The decision itself (network, op, lam) comes from the scheduler and is the same on all ranks.
-        """
-        if not self.info.enabled:
-            return None
-        if self._rank_generator is None:
-            self._rank_generator = torch.Generator(device=self.device)
-        self._rank_generator.manual_seed(keyed_seed(keyed_seed(self.perturber.seed, self.info.rank + 1), self.global_step))
-        return self._rank_generator
-
     # ------------------------------------------------------------------ epochs
-    def _install_signal_handlers(self):
-        def handler(signum, frame):
-            self._stop_signal = signum
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
-        return previous
+    def _on_signal(self, signum: int, frame) -> None:
+        self._stop_signal = signum  # acted on after the step in progress: checkpoint, then Interrupted
 
     def _batches(self):
         """The epoch's batches from where it stopped, with sample indices when the method needs them."""
@@ -324,7 +254,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.config
-        previous_handlers = self._install_signal_handlers()
+        previous_handlers = install_stop_handlers(self._on_signal)
         progress = None
         try:
             while self.epoch < cfg.optim.epochs:
@@ -395,17 +325,6 @@ class Trainer:
             handle.writelines(json.dumps(record) + "\n" for record in self.step_log)
         self.step_log.clear()
 
-    def _evaluate_into(self, record: dict[str, Any]) -> None:
-        precision = self.precision
-        for split, loader in (("val", self.data.val), ("test", self.data.test)):
-            if loader is None:
-                continue
-            for key, value in evaluate(self.group, loader, self.device, precision).items():
-                record[f"{key.split('/')[0]}/{split}_{key.split('/')[1]}"] = value
-            for name, network in self.method.eval_networks().items():  # e.g. temporal-mean copies
-                for key, value in evaluate_network(network, loader, self.device, precision).items():
-                    record[f"{name}/{split}_{key}"] = value
-
     def _end_epoch(self, elapsed: float) -> None:
         cfg = self.config
         record: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -416,7 +335,7 @@ class Trainer:
         last_epoch = self.epoch + 1 == cfg.optim.epochs
         improved = False
         if (self.epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
-            self._evaluate_into(record)
+            record.update(evaluate_splits(self.group, self.method.eval_networks(), self.data, self.device, self.precision))
             split = "val" if self.data.val is not None else "test"
             for i in range(self.n):
                 self.best_val[i] = max(self.best_val[i], record[f"net{i}/{split}_top1"])
@@ -430,18 +349,11 @@ class Trainer:
         self.stats = EpochStats(self.n)
         if self.is_main:
             self.metrics.write(record)
-            log.info(self._epoch_line(record))
+            log.info(epoch_line(record, self.n))
         if (self.epoch % cfg.train.checkpoint_every == 0) or last_epoch:
             self.save()
         if improved:
             self.save("best.pt")
-
-    def _epoch_line(self, record: dict[str, Any]) -> str:
-        split = "val" if "net0/val_top1" in record else "test"
-        accs = " ".join(f"{record[f'net{i}/{split}_top1']:.2f}" for i in range(self.n) if f"net{i}/{split}_top1" in record)
-        shares = " ".join(f"{record[f'net{i}/teacher_share']:.2f}" for i in range(self.n))
-        return (f"epoch {record['epoch'] + 1}: {split} top1 [{accs}] teacher share [{shares}] "
-                f"{record['images_per_s']:.0f} img/s")
 
     def finish(self) -> dict[str, Any]:
         summary = summarize(read_metrics(self.run_dir), self.n) if self.is_main else {}

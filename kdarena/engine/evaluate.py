@@ -77,3 +77,26 @@ def evaluate(group: Group, loader, device: torch.device, precision: str = "fp32"
 def evaluate_network(network: nn.Module, loader, device: torch.device, precision: str = "fp32") -> dict[str, float]:
     """One network alone: ``{"top1", "top5", "loss"}``."""
     return evaluate_networks([network], loader, device, precision, ensemble=False)[0]
+
+
+def evaluate_splits(group: Group, extra: dict[str, nn.Module], data, device: torch.device, precision: str) -> dict[str, float]:
+    """``net{i}/{split}_top1`` etc. for the val and test splits, for the group, its ensemble and ``extra`` networks."""
+    record: dict[str, float] = {}
+    for split, loader in (("val", data.val), ("test", data.test)):
+        if loader is None:
+            continue
+        for key, value in evaluate(group, loader, device, precision).items():
+            name, metric = key.split("/")
+            record[f"{name}/{split}_{metric}"] = value
+        for name, network in extra.items():  # e.g. temporal-mean copies
+            for metric, value in evaluate_network(network, loader, device, precision).items():
+                record[f"{name}/{split}_{metric}"] = value
+    return record
+
+
+def epoch_line(record: dict, n: int) -> str:
+    """The one line logged per epoch: accuracies, teacher shares, speed."""
+    split = "val" if "net0/val_top1" in record else "test"
+    accs = " ".join(f"{record[f'net{i}/{split}_top1']:.2f}" for i in range(n) if f"net{i}/{split}_top1" in record)
+    shares = " ".join(f"{record[f'net{i}/teacher_share']:.2f}" for i in range(n))
+    return f"epoch {record['epoch'] + 1}: {split} top1 [{accs}] teacher share [{shares}] {record['images_per_s']:.0f} img/s"

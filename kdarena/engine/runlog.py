@@ -160,3 +160,17 @@ def _epoch_of(path: Path, number: int, line: str, default: int) -> int:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def install_stop_handlers(handler) -> dict:
+    """Route SIGINT/SIGTERM to ``handler`` (the trainer checkpoints, then stops); returns the previous
+    handlers for ``signal.signal`` to restore. Outside the main thread signals cannot be caught: skipped."""
+    import signal
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    return previous

@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..rng import salted_seed
+from ..rng import keyed_seed, salted_seed
 from .base import OpResult
 from .pools import PAPER_POOL, build_ops, get_op, resolve_ops
 
@@ -96,6 +96,7 @@ class PerturbationScheduler:
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(self.seed)
         self._sample_generators: Dict[str, torch.Generator] = {}
+        self._rank_generators: Dict[str, torch.Generator] = {}  # torchrun: reseeded every step, no state to save
         # States loaded for devices whose generator has not been created yet.
         self._pending_states: Dict[str, Tensor] = {}
 
@@ -122,6 +123,20 @@ class PerturbationScheduler:
         return Perturbation(network=network, op=self.ops[op_index], lam=float(lam))
 
     # -- application -----------------------------------------------------------------------
+    def rank_generator(self, rank: int, step: int, device: Union[torch.device, str]) -> torch.Generator:
+        """The per-sample generator of process ``rank`` at ``step`` under torchrun.
+
+        Every rank perturbs its own slice of the global batch, so each reseeds a generator from
+        (seed, rank, step): ranks draw different noise, and a resumed run draws the same, with no
+        extra state. The decision itself (network, op, lam) is the same on every rank.
+        """
+        key = _device_key(device)
+        gen = self._rank_generators.get(key)
+        if gen is None:
+            gen = self._rank_generators[key] = torch.Generator(device=key)
+        gen.manual_seed(keyed_seed(keyed_seed(self.seed, rank + 1), step))
+        return gen
+
     def sample_generator(self, device: Union[torch.device, str]) -> torch.Generator:
         """The scheduler's own generator for ``device`` (created lazily, seeded from ``seed``)."""
         key = _device_key(device)
