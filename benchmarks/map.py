@@ -1,0 +1,185 @@
+"""The map: where does each method pay off? Test accuracy against training budget and number of classes.
+
+Runs every method of the arena x seeds in each *cell* (a protocol at one budget), with
+``kdarena sweep`` (``--jobs`` runs at once), then writes per cell ``report.md`` (mean ± std, paired
+95 % intervals vs independent and DML) and across cells ``map.md`` + ``map.csv`` + ``map.png``.
+
+    python benchmarks/map.py --tiny-imagenet PATH/tiny-imagenet-32.tar.gz --cifar10 PATH/cifar10-jpeg.tar.gz \\
+        --out runs/map --jobs 2                       # CPU scale (configs/benchmarks/map_*.yaml)
+    python benchmarks/map.py ... --scale gpu --jobs 8  # GPU scale (benchmarks/gpu_map.sh)
+
+A method's accuracy in a run is the mean over its networks of the test top-1 at the epoch of best
+validation top-1 (``@ best val``) and after the last epoch (``last``); the ensemble is reported
+apart. Cells run in the order given, so an interrupted map keeps its most important cells; running
+the same command again skips finished runs.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kdarena.experiments.report import write_report  # noqa: E402
+from kdarena.experiments.stats import mean, paired_difference, sample_std  # noqa: E402
+from kdarena.experiments.sweep import run_sweep  # noqa: E402
+
+TIN = ROOT / "configs" / "benchmarks" / "map_tiny_imagenet.yaml"
+C10 = ROOT / "configs" / "benchmarks" / "map_cifar10.yaml"
+
+# cell name -> (config, overrides, axis value for the plots)
+CELLS = {
+    "cpu": {  # 2,000 training images (+250 validation) of 50 classes; order = priority
+        "tin50-e4": (TIN, ["optim.epochs=4"], {"classes": 50, "epochs": 4}),
+        "tin50-e1": (TIN, ["optim.epochs=1"], {"classes": 50, "epochs": 1}),
+        "tin50-e12": (TIN, ["optim.epochs=12", "train.eval_every=2"], {"classes": 50, "epochs": 12}),
+        "c10-e4": (C10, ["optim.epochs=4", "train.eval_every=2"], {"classes": 10, "epochs": 4}),
+        "tin200-e4": (TIN, ["data.classes=200", "optim.epochs=4", "train.eval_every=2"], {"classes": 200, "epochs": 4}),
+    },
+    "gpu": {  # full training sets, CIFAR ResNet-20 pairs; sized for about 12 minutes on one H200 with --jobs 8
+        "tin200-e15": (TIN, ["data.classes=200", "data.train_subset=null", "data.val_size=5000", "models=[resnet20,resnet20]",
+                             "data.batch_size=128", "optim.lr=0.1", "optim.epochs=15", "train.device=cuda", "train.threads=null"],
+                       {"classes": 200, "epochs": 15}),
+        "tin200-e5": (TIN, ["data.classes=200", "data.train_subset=null", "data.val_size=5000", "models=[resnet20,resnet20]",
+                            "data.batch_size=128", "optim.lr=0.1", "optim.epochs=5", "train.device=cuda", "train.threads=null"],
+                      {"classes": 200, "epochs": 5}),
+        "c10-e15": (C10, ["data.train_subset=null", "data.val_size=5000", "models=[resnet20,resnet20]", "data.batch_size=128",
+                          "optim.lr=0.1", "optim.epochs=15", "train.device=cuda", "train.threads=null"], {"classes": 10, "epochs": 15}),
+        "tin200-e45": (TIN, ["data.classes=200", "data.train_subset=null", "data.val_size=5000", "models=[resnet20,resnet20]",
+                             "data.batch_size=128", "optim.lr=0.1", "optim.epochs=45", "train.device=cuda", "train.threads=null"],
+                       {"classes": 200, "epochs": 45}),
+    },
+}
+
+
+def methods(model: str) -> list[str]:
+    """Every method of the arena; ONE needs the branched form of the model (one shared trunk, two branches)."""
+    return [
+        "independent", "dml", "kdcl", "pcl", "pskd",
+        f"one:method.name=one;perturb.enabled=false;models=[branched:{model},branched:{model}]",
+        "cd", "cd-code", "cd-noperturb", "cd-ramp", "cd-soft",
+    ]
+
+
+def run_accuracy(summary: dict, key: str) -> float | None:
+    values = [n[key] for n in summary.get("networks", []) if n.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def collect(cell_dir: Path) -> dict[str, dict[int, dict]]:
+    """label -> seed -> summary of every finished run of a cell."""
+    out: dict[str, dict[int, dict]] = {}
+    for path in sorted(cell_dir.glob("*-seed*/summary.json")):
+        label, seed = path.parent.name.rsplit("-seed", 1)
+        out.setdefault(label, {})[int(seed)] = json.loads(path.read_text())
+    return out
+
+
+def write_map(out: Path, cells: dict[str, tuple]) -> str:
+    rows, lines = [], ["# The map", "",
+                       "Test top-1 (%) of each method, mean over its networks, mean ± std over seeds; Δ = paired difference "
+                       "to independent / DML over matched seeds with its 95 % t-interval (* = interval above 0, "
+                       "− = below 0). Train = last-epoch training top-1.", ""]
+    for name, (_, _, axis) in cells.items():
+        runs = collect(out / name)
+        if not runs:
+            continue
+        lines += [f"## {name}: {axis['classes']} classes, {axis['epochs']} epochs", "",
+                  "| method | seeds | @ best val | last | train | Δ vs independent (@ best val) | Δ vs DML (@ best val) | ensemble |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        base = {s: run_accuracy(v, "test_at_best_val_top1") for s, v in runs.get("independent", {}).items()}
+        dml = {s: run_accuracy(v, "test_at_best_val_top1") for s, v in runs.get("dml", {}).items()}
+        for label, by_seed in runs.items():
+            best = {s: run_accuracy(v, "test_at_best_val_top1") for s, v in by_seed.items()}
+            last = [run_accuracy(v, "last_test_top1") for v in by_seed.values()]
+            train = [run_accuracy(v, "last_train_top1") for v in by_seed.values()]
+            ens = [v["ensemble"]["test_at_best_val_top1"] for v in by_seed.values() if v.get("ensemble")]
+
+            def diff(ref):
+                d = paired_difference(best, ref)
+                mark = {"better": " *", "worse": " −"}.get(d.verdict, "")
+                return d.text() + mark if d.n else "-"
+
+            pm = lambda xs: f"{mean(xs):.2f} ± {sample_std(xs):.2f}" if len(xs) > 1 else (f"{xs[0]:.2f}" if xs else "-")  # noqa: E731
+            clean = lambda xs: [x for x in xs if x is not None]  # noqa: E731
+            lines.append(f"| {label} | {len(by_seed)} | {pm(clean(best.values()))} | {pm(clean(last))} | {pm(clean(train))} | "
+                         f"{diff(base) if label != 'independent' else ''} | {diff(dml) if label != 'dml' else ''} | {pm(ens)} |")
+            d_ind, d_dml = paired_difference(best, base), paired_difference(best, dml)
+            rows.append({"cell": name, **axis, "method": label, "seeds": len(by_seed),
+                         "best_val_mean": mean(clean(best.values())), "best_val_std": sample_std(clean(best.values())),
+                         "last_mean": mean(clean(last)), "train_mean": mean(clean(train)),
+                         "delta_independent": d_ind.mean, "delta_independent_low": d_ind.low, "delta_independent_high": d_ind.high,
+                         "delta_dml": d_dml.mean, "delta_dml_low": d_dml.low, "delta_dml_high": d_dml.high})
+        lines.append("")
+    text = "\n".join(lines) + "\n"
+    (out / "map.md").write_text(text)
+    if rows:
+        with open(out / "map.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        plot_map(rows, out / "map.png")
+    return text
+
+
+def plot_map(rows: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2))
+    for ax, (axis, fixed) in zip(fig.subplots(1, 2), (("epochs", ("classes", 50)), ("classes", ("epochs", 4)))):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r[axis], r["best_val_mean"], r["best_val_std"]) for r in rows
+                         if r["method"] == method and r[fixed[0]] == fixed[1] and not math.isnan(r["best_val_mean"]))
+            if len(pts) < 2:
+                continue
+            xs, ys, es = zip(*pts)
+            ax.errorbar(xs, ys, yerr=[0 if math.isnan(e) else e for e in es], marker="o", capsize=2, label=method,
+                        linestyle="--" if method.startswith("cd") else "-")
+        ax.set_xscale("log")
+        ax.set_xlabel(axis)
+        ax.set_ylabel("test top-1 @ best val (%)")
+        ax.set_title(f"accuracy vs {axis} ({fixed[0]} = {fixed[1]})")
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny-imagenet", required=True, help="tiny-imagenet-32.tar.gz (or the official tiny-imagenet-200 folder/zip)")
+    p.add_argument("--cifar10", required=True, help="cifar10-jpeg.tar.gz (or a folder of train/ test/ class folders)")
+    p.add_argument("--out", default="runs/map")
+    p.add_argument("--scale", choices=sorted(CELLS), default="cpu")
+    p.add_argument("--cells", default=None, help="comma-separated subset of the scale's cells, in this order")
+    p.add_argument("--methods", default=None, help="comma-separated sweep methods (default: the whole arena)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--report-only", action="store_true", help="rebuild map.md/csv/png from finished runs")
+    args = p.parse_args()
+    cells = CELLS[args.scale]
+    if args.cells:
+        cells = {name: cells[name] for name in args.cells.split(",")}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (config, overrides, _) in cells.items():
+        if args.report_only:
+            break
+        root = args.cifar10 if config == C10 else args.tiny_imagenet
+        model = next((o.split("[")[1].split(",")[0] for o in overrides if o.startswith("models=")), "resnet8")
+        start = time.perf_counter()
+        run_sweep(config, [f"data.root={root}", *overrides], args.methods or methods(model), args.seeds, out / name, jobs=args.jobs)
+        write_report([out / name])
+        print(f"cell {name}: {time.perf_counter() - start:.0f} s", flush=True)
+        write_map(out, cells)
+    print(write_map(out, cells))
+
+
+if __name__ == "__main__":
+    main()
