@@ -237,6 +237,9 @@ def test_config_errors_are_one_line(overrides, match):
     ("one", ["perturb.enabled=false"]),
     ("dml", ["perturb.enabled=false"]),
     ("cd", ["perturb.enabled=true", "perturb.every=1"]),  # a perturbed branch: the trunk runs twice
+    ("pcl", []),  # temporal means of trunk + branch
+    ("kdcl", []),
+    ("pskd", []),
 ])
 def test_branched_group_trains_with_every_method(tmp_path, capsys, method, extra):
     run_dir = tmp_path / method
@@ -249,7 +252,8 @@ def test_branched_group_trains_with_every_method(tmp_path, capsys, method, extra
     assert (group.gate is not None) == (method == "one")
     trainer.fit()
     record = read_metrics(run_dir)[-1]
-    for key in ["net0", "net1", "net2", "ensemble"] + (["gate_ensemble"] if method == "one" else []):
+    extra_nets = {"one": ["gate_ensemble"], "pcl": ["mean0", "mean1", "mean2"]}.get(method, [])
+    for key in ["net0", "net1", "net2", "ensemble"] + extra_nets:
         assert 0.0 <= record[f"{key}/val_top1"] <= 100.0 and 0.0 <= record[f"{key}/test_top1"] <= 100.0
     capsys.readouterr()
     assert main(["eval", str(run_dir / "checkpoints" / "last.pt")]) == 0

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..models.branched import whole
 from .base import GroupLosses, GroupMethod, MethodContext, MethodParams, Needs, StepInput
 from .common import check_logits, no_teacher, per_network_ce
 from .kd import freeze
@@ -173,7 +174,7 @@ class PeerCollaborativeLearning(GroupMethod):
     def after_step(self, networks: Sequence[nn.Module], losses: GroupLosses, step: StepInput) -> None:
         decay = ema_decay_at(step.step, self.ema_decay)
         for mean, net in zip(self.means, networks):
-            ema_update(mean, net, decay)
+            ema_update(mean, whole(net), decay)  # a branch of a shared trunk: pair the mean with trunk + branch
 
     def eval_networks(self) -> dict[str, nn.Module]:
         return {f"mean{i}": mean for i, mean in enumerate(self.means)}
