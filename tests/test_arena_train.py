@@ -1,6 +1,8 @@
 """The arena's methods through kdarena.train on digits: end to end, evaluated temporal means, exact resume."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -123,6 +125,11 @@ def test_arena_presets_sweep_and_report(tmp_path):
     order = [next(i for i, line in enumerate(rows) if line.startswith(f"| {m} ")) for m in ("independent", "kdcl", "pcl", "pskd")]
     assert order == sorted(order)  # registration order
     assert "naive ensemble" in report and "EMA 0.999" in report and "α_T 0.8" in report
+    # PCL's temporal means are reported beside the online networks, with their own best-val selection
+    summary = json.loads((tmp_path / "exp" / "pcl-seed0" / "summary.json").read_text())
+    assert set(summary["extra"]) == {"mean0", "mean1"} and "test_at_best_val_top1" in summary["extra"]["mean0"]
+    mean_rows = [line for line in rows if line.startswith("| pcl ") and "mean0" in line]
+    assert mean_rows and f"{summary['extra']['mean0']['last_test_top1']:.2f}" in mean_rows[0]
 
 
 def test_kdcl_peers_get_their_own_augmented_views(tmp_path):

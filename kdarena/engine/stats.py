@@ -117,6 +117,15 @@ def summarize(records: list[dict[str, Any]], n: int) -> dict[str, Any]:
             out["ensemble"] = entry
         else:
             out["networks"].append(entry)
+    # networks a method evaluates besides the group (temporal means, a gated ensemble), each selected on its own val
+    extra = sorted({k.split("/")[0] for k in evaluated[-1] if k.endswith("/test_top1")} - {f"net{i}" for i in range(n)} - {"ensemble"})
+    for key in extra:
+        rows = [r for r in evaluated if f"{key}/test_top1" in r]
+        entry = {"name": key, "last_test_top1": rows[-1][f"{key}/test_top1"]}
+        if has_val and f"{key}/val_top1" in rows[-1]:
+            best = max(rows, key=lambda r: r[f"{key}/val_top1"])
+            entry.update({"best_val_top1": best[f"{key}/val_top1"], "test_at_best_val_top1": best[f"{key}/test_top1"]})
+        out.setdefault("extra", {})[key] = entry
     out["wall_seconds"] = records[-1].get("wall_seconds", 0.0)
     speeds = [r["images_per_s"] for r in records if r.get("images_per_s")]
     out["images_per_s"] = sorted(speeds)[len(speeds) // 2] if speeds else 0.0

@@ -120,12 +120,15 @@ def _ordered_labels(labels: Iterable[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- per-group numbers
-def _values(runs: list[Run], index: int | None, key: str) -> list[float]:
-    """``index`` None = the ensemble."""
+def _values(runs: list[Run], index: int | str | None, key: str) -> list[float]:
+    """``index`` None = the ensemble; a string = a network the method evaluates besides the group (e.g. ``mean0``)."""
     out = []
     for run in runs:
         nets = run.summary["networks"]
-        entry = run.summary.get("ensemble") if index is None else (nets[index] if index < len(nets) else None)
+        if isinstance(index, str):
+            entry = (run.summary.get("extra") or {}).get(index)
+        else:
+            entry = run.summary.get("ensemble") if index is None else (nets[index] if index < len(nets) else None)
         if entry is not None and entry.get(key) is not None:
             out.append(float(entry[key]))
     return out
@@ -137,6 +140,7 @@ def _network_rows(runs: list[Run]) -> list[tuple[str, int | None]]:
     rows = [(f"net{i}" + (f" ({models[i]})" if i < len(models) else ""), i) for i in range(n)]
     if n > 1:
         rows.append(("ensemble", None))
+    rows += [(name, name) for name in sorted(runs[0].summary.get("extra") or {})]  # e.g. temporal means, gated ensemble
     return rows
 
 
@@ -268,7 +272,7 @@ def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None
                 rows.append(row)
                 won = sum(int(r.summary.get("perturbed_won", 0)) for r in group)
                 steps = sum(int(r.summary.get("perturbed_steps", 0)) for r in group)
-                share = _values(group, index, "teacher_share") if index is not None and group[0].has_teacher else []
+                share = _values(group, index, "teacher_share") if isinstance(index, int) and group[0].has_teacher else []
                 record = {
                     "experiment": title or "", "method": label, "settings": _settings(group[0]),
                     "network": name.split(" ")[0], "model": name.split(" ")[1].strip("()") if " " in name else "", "seeds": len(group),
@@ -294,7 +298,7 @@ def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None
         rows2 = []
         n_nets = 2
         for label, group in groups.items():
-            nets = [i for _, i in _network_rows(group) if i is not None]
+            nets = [i for _, i in _network_rows(group) if isinstance(i, int)]
             n_nets = len(nets)
             if group[0].has_teacher:
                 share = " / ".join(_f(mean(_values(group, i, "teacher_share"))) for i in nets)
