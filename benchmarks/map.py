@@ -38,9 +38,10 @@ CELLS = {
     "cpu": {  # 2,000 training images (+250 validation) of 50 classes; order = priority
         "tin50-e4": (TIN, ["optim.epochs=4"], {"classes": 50, "epochs": 4}),
         "tin50-e1": (TIN, ["optim.epochs=1"], {"classes": 50, "epochs": 1}),
-        "tin50-e12": (TIN, ["optim.epochs=12", "train.eval_every=2"], {"classes": 50, "epochs": 12}),
-        "c10-e4": (C10, ["optim.epochs=4", "train.eval_every=2"], {"classes": 10, "epochs": 4}),
-        "tin200-e4": (TIN, ["data.classes=200", "optim.epochs=4", "train.eval_every=2"], {"classes": 200, "epochs": 4}),
+        # the other cells run the core of the arena only (what fits one session on 2 cores)
+        "tin50-e12": (TIN, ["optim.epochs=12", "train.eval_every=2"], {"classes": 50, "epochs": 12, "methods": "core"}),
+        "c10-e4": (C10, ["optim.epochs=4", "train.eval_every=2"], {"classes": 10, "epochs": 4, "methods": "core"}),
+        "tin200-e4": (TIN, ["data.classes=200", "optim.epochs=4", "train.eval_every=2"], {"classes": 200, "epochs": 4, "methods": "core"}),
     },
     "gpu": {  # full training sets, CIFAR ResNet-20 pairs; sized for about 12 minutes on one H200 with --jobs 8
         "tin200-e15": (TIN, ["data.classes=200", "data.train_subset=null", "data.val_size=5000", "models=[resnet20,resnet20]",
@@ -58,8 +59,13 @@ CELLS = {
 }
 
 
-def methods(model: str) -> list[str]:
-    """Every method of the arena; ONE needs the branched form of the model (one shared trunk, two branches)."""
+CORE = ["independent", "dml", "kdcl", "cd", "cd-ramp", "cd-soft"]
+
+
+def methods(model: str, which: str = "all") -> list[str]:
+    """Every method of the arena (or its core); ONE needs the branched form of the model (shared trunk, two branches)."""
+    if which == "core":
+        return list(CORE)
     return [
         "independent", "dml", "kdcl", "pcl", "pskd",
         f"one:method.name=one;perturb.enabled=false;models=[branched:{model},branched:{model}]",
@@ -88,6 +94,7 @@ def write_map(out: Path, cells: dict[str, tuple]) -> str:
                        "− = below 0). Train = last-epoch training top-1.", ""]
     for name, (_, _, axis) in cells.items():
         runs = collect(out / name)
+        axis = {k: v for k, v in axis.items() if k != "methods"}
         if not runs:
             continue
         lines += [f"## {name}: {axis['classes']} classes, {axis['epochs']} epochs", "",
@@ -174,7 +181,8 @@ def main() -> None:
         root = args.cifar10 if config == C10 else args.tiny_imagenet
         model = next((o.split("[")[1].split(",")[0] for o in overrides if o.startswith("models=")), "resnet8")
         start = time.perf_counter()
-        run_sweep(config, [f"data.root={root}", *overrides], args.methods or methods(model), args.seeds, out / name, jobs=args.jobs)
+        chosen = args.methods or methods(model, cells[name][2].get("methods", "all"))
+        run_sweep(config, [f"data.root={root}", *overrides], chosen, args.seeds, out / name, jobs=args.jobs)
         write_report([out / name])
         print(f"cell {name}: {time.perf_counter() - start:.0f} s", flush=True)
         write_map(out, cells)
