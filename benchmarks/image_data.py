@@ -7,8 +7,8 @@ decoded cache versus the CIFAR-10 python-pickle path (same model, batch, loader 
 Archive paths may also come from $KDARENA_DATA (a folder holding cifar10-jpeg.tar.gz and
 tiny-imagenet-32.tar.gz).  Cold decodes use a fresh temporary cache; the pickle copy of CIFAR-10 is
 written from the decoded arrays into a temporary folder in the format of cifar-10-python.tar.gz, so
-both paths train on identical pixels.  Training rounds alternate pickle / archive to share the
-machine's load fairly; the reported img/s is the median round of each.
+both paths train on identical pixels.  Training steps of the two paths are interleaved one by one
+(order alternating) so the load of a shared machine hits both alike; img/s = batch / median step.
 """
 from __future__ import annotations
 
@@ -58,28 +58,34 @@ def write_cifar_pickles(train, test, classes, root: str) -> str:
     return root
 
 
-def train_rate(bundle, steps: int, precision: str, channels_last: bool, warmup: int = 3) -> float:
+def paired_step_times(bundles: dict, steps: int, precision: str, channels_last: bool, warmup: int = 3) -> dict:
+    """Seconds of each training step (data + forward + backward + update) for every path, the paths'
+    steps interleaved one by one (order alternating) so a busy phase of a shared machine hits both."""
     from kdarena import models
 
-    torch.manual_seed(0)
-    model = models.create("resnet20", bundle.num_classes, bundle.in_channels)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    seen, start = 0, None
-    for i, (x, y) in enumerate(bundle.train.iterate(0)):
-        if i == warmup:
-            start, seen = time.perf_counter(), 0
-        if i == warmup + steps:
-            break
-        with autocast:
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        seen += x.shape[0]
-    return seen / (time.perf_counter() - start)
+    state = {}
+    for k, bundle in bundles.items():
+        torch.manual_seed(0)
+        model = models.create("resnet20", bundle.num_classes, bundle.in_channels)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        state[k] = (model, opt, iter(bundle.train.iterate(0)))
+    times: dict[str, list[float]] = {k: [] for k in bundles}
+    keys = list(bundles)
+    for i in range(warmup + steps):
+        for k in (keys if i % 2 == 0 else keys[::-1]):
+            model, opt, batches = state[k]
+            t = time.perf_counter()
+            x, y = next(batches)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t)
+    return times
 
 
 def loader_ms(bundle, batches: int = 100) -> float:
@@ -99,8 +105,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2, help="decode processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--steps", type=int, default=30, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=60, help="timed training steps per path (interleaved)")
+    p.add_argument("--rounds", type=int, default=3, help="timings of the data path alone (100 batches each)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--json", help="also write the results here")
@@ -133,17 +139,16 @@ def main() -> int:
         }
         bundles = {k: build_data(c, torch.device("cpu")) for k, c in paths.items()}
         same = all(torch.equal(a[0], b[0]) for a, b in zip(bundles["pickle"].train.iterate(0), bundles["archive"].train.iterate(0)))
-        rates: dict[str, list[float]] = {k: [] for k in bundles}
-        data_ms: dict[str, list[float]] = {k: [] for k in bundles}
+        data_ms = {k: [] for k in bundles}
         for r in range(args.rounds):
             for k in (("pickle", "archive") if r % 2 == 0 else ("archive", "pickle")):
                 data_ms[k].append(loader_ms(bundles[k]))
-                rates[k].append(train_rate(bundles[k], args.steps, args.precision, not args.no_channels_last))
-                print(f"round {r} {k}: {rates[k][-1]:.1f} img/s, data {data_ms[k][-1]:.2f} ms/batch", flush=True)
-    med = {k: statistics.median(v) for k, v in rates.items()}
+        times = paired_step_times(bundles, args.steps, args.precision, not args.no_channels_last)
+        rates = {k: [args.batch / t for t in ts] for k, ts in times.items()}
+    med = {k: args.batch / statistics.median(ts) for k, ts in times.items()}
     results["throughput"] = dict(model="resnet20", batch=args.batch, threads=args.threads, precision=args.precision,
-                                 steps_per_round=args.steps, rounds=args.rounds, identical_batches=same,
-                                 img_s={k: [round(v, 1) for v in vs] for k, vs in rates.items()},
+                                 paired_steps=args.steps, loader_rounds=args.rounds, identical_batches=same,
+                                 img_s_quartiles={k: [round(q, 1) for q in statistics.quantiles(vs, n=4)] for k, vs in rates.items()},
                                  median_img_s={k: round(v, 1) for k, v in med.items()},
                                  archive_over_pickle=round(med["archive"] / med["pickle"], 3),
                                  data_ms_per_batch={k: round(statistics.median(v), 2) for k, v in data_ms.items()})
