@@ -151,7 +151,10 @@ class TrainConfig(_Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the hardware has it natively (CUDA, CPUs with AVX-512 BF16/AMX), else fp32")
     channels_last: bool = Field(True, json_schema_extra=BOOKKEEPING)
-    compile: bool = Field(False, json_schema_extra=BOOKKEEPING)
+    compile: bool = Field(False, json_schema_extra=BOOKKEEPING, description="torch.compile the group's forward (a failure "
+                          "to compile falls back to eager with one warning)")
+    cuda_graphs: Optional[bool] = Field(None, json_schema_extra=BOOKKEEPING, description="with train.compile on CUDA: "
+                                        "mode reduce-overhead (CUDA graphs) unless false; default: on")
     fused: bool = Field(False, json_schema_extra=BOOKKEEPING, description="run identical networks as one vmapped forward (torch.func): fewer, larger GPU kernels; single process, same model for every entry; slower on CPU")
     deterministic: bool = False
     # bounded: torch.set_num_threads(99999999) crashes the process

@@ -20,6 +20,7 @@ from ..group import Group
 from ..methods import GroupMethod, MethodContext, Needs, registry
 from ..perturb import MutationTracker, PerturbationScheduler, resolve_ops
 from ..rng import stream_seed
+from .compiled import CompiledRunner, compile_mode
 from .distributed import DistInfo
 from .evaluate import resolve_precision
 from .schedule import build_scheduler
@@ -110,7 +111,11 @@ def build_optimizer(config: Config, group: Group) -> torch.optim.Optimizer:
 
 
 def build_runner(config: Config, group: Group, device: torch.device, info: DistInfo) -> Callable:
+    """What runs the group's forward: the group itself, its DDP wrapper or the fused vmap group, compiled on request."""
     t = config.train
+    mode = compile_mode(t.cuda_graphs, device)
+    if t.compile and not t.fused:
+        group.set_runners([torch.compile(net, mode=mode) for net in group.networks])
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -119,11 +124,15 @@ def build_runner(config: Config, group: Group, device: torch.device, info: DistI
         from .fused import FusedGroup, FusedGroupError
 
         try:
-            return FusedGroup(group, compile=t.compile)
+            fused = FusedGroup(group)
         except FusedGroupError as error:
             raise ConfigError(f"bad value for 'train.fused': {error}") from None
+        if not t.compile:
+            return fused
+        return CompiledRunner(fused.compiled(mode), fused, f"the fused group (torch.compile mode={mode})")
     if t.compile:
-        group.set_runners([torch.compile(net) for net in group.networks])
+        return CompiledRunner(group, group, f"the group's networks (torch.compile mode={mode})",
+                              on_fallback=lambda: group.set_runners(None))
     return group
 
 

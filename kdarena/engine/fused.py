@@ -128,6 +128,12 @@ class FusedGroup:
         self._compile = compile
         self._runners: dict[object, Callable] = {}
 
+    def compiled(self, mode: str = "default") -> "FusedGroup":
+        """The same fused group (same stacked tensors and gradient hooks) with a ``torch.compile``'d forward."""
+        twin = copy.copy(self)
+        twin._compile, twin._compile_mode, twin._runners = True, mode, {}
+        return twin
+
     # ------------------------------------------------------------------ gradients
     @staticmethod
     def _grad_hook(originals: Sequence[nn.Parameter]):
@@ -153,7 +159,7 @@ class FusedGroup:
         if runner is None:
             runner = vmap(self._single, in_dims=(0, 0, x_dim), randomness="different")
             if self._compile:
-                runner = torch.compile(runner)
+                runner = torch.compile(runner, mode=getattr(self, "_compile_mode", "default"))
             self._runners[x_dim] = runner
         return runner
 
