@@ -110,6 +110,7 @@ def main() -> int:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--decode-only", action="store_true", help="only the decode timings")
     p.add_argument("--cache", help="use this decoded-image cache and skip the decode timings (throughput only)")
     args = p.parse_args()
     if not args.cifar or not os.path.isfile(args.cifar):
@@ -128,6 +129,9 @@ def main() -> int:
             if path and os.path.isfile(path):
                 results["decode"].append(decode_times(path, args.workers, 32))
                 print(json.dumps(results["decode"][-1]), flush=True)
+        if args.decode_only:
+            print(json.dumps(results, indent=1))
+            return 0
         train, test, info = load_image_set(args.cifar, image_size=32, progress=False)
         pickles = write_cifar_pickles(train, test, info.classes, os.path.join(tmp, "pickles"))
         common = [f"data.batch_size={args.batch}", "data.val_size=5000", "train.progress=false", "data.crop_padding=4",
