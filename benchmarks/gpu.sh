@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU throughput of kdarena, one command, < 5 minutes on an H100/H200:
-#   CIFAR-shaped synthetic data (50k uint8 3x32x32, batch 128), ResNet-32 x 2 and ResNet-20 x 4:
-#   naive research-code loop vs kdarena's Trainer (loop) vs the fused vmapped group, fp32 vs bf16,
-#   and torch.compile on/off for ResNet-20 x 4 (bf16; compile only there, to bound the time).
+#   CIFAR-shaped synthetic data (50k uint8 3x32x32, batch 128), ResNet-32 x 2, ResNet-20 x 4 and WRN-16-2 x 2:
+#   naive research-code loop vs kdarena's Trainer (loop) vs the fused vmapped group, fp32 vs bf16;
+#   then CUDA graphs (torch.compile mode reduce-overhead) for the loop and the fused group, and a
+#   64x64 200-class case (Tiny-ImageNet-shaped) with ResNet-20 x 2.
 #   Reports step time, images/s, estimated epoch time (390 steps x median step), peak memory,
 #   speed-up vs naive and group overhead; prints a table and writes ${OUT:-.}/gpu_throughput.json.
 #
@@ -29,13 +30,13 @@ if [ "${QUICK:-0}" = 1 ]; then
   COMMON="--reps 2 --steps 1 --warmup 1 --compile-warmup 1 --samples 2048"
   BUDGET=${BUDGET:-1500}; EAGER_TIMEOUT=${EAGER_TIMEOUT:-600}; COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-400}
 else
-  MODELS=resnet32x2,resnet20x4; COMPILE_MODELS=resnet20x4
+  MODELS=resnet32x2,resnet20x4,wrn16_2x2; COMPILE_MODELS=resnet32x2,resnet20x4
   COMMON="--reps 5 --steps 20 --warmup 3 --compile-warmup 5"
-  BUDGET=${BUDGET:-280}; EAGER_TIMEOUT=${EAGER_TIMEOUT:-130}; COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-90}
+  BUDGET=${BUDGET:-290}; EAGER_TIMEOUT=${EAGER_TIMEOUT:-110}; COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-60}
 fi
-EAGER_VARIANTS=naive-w2,loop-fp32,loop-bf16,fused-fp32,fused-bf16,solo-fp32,solo-bf16
-# compile phases: each against its own eager baseline (loop-bf16), timed in the same process
-COMPILE_PHASES=("loop-bf16,loop-bf16-compile" "loop-bf16,fused-bf16-compile")
+EAGER_VARIANTS=naive-w2,loop-fp32,loop-bf16,fused-fp32-nocl,fused-bf16,solo-fp32
+# graph phases: each against the naive loop and its own eager baseline, timed in the same process
+COMPILE_PHASES=("naive-w2,loop-fp32,loop-fp32-graphs" "naive-w2,fused-fp32-nocl,fused-fp32-nocl-graphs")
 
 start=$(date +%s)
 # cap = min(the phase's own cap, what is left of BUDGET seconds for the whole script)
@@ -57,13 +58,22 @@ if [ "${NO_COMPILE:-0}" != 1 ]; then
     if (( T < 30 )); then echo "!! no time left for compile phase $i ($variants)"; continue; fi
     echo "== compile $i: $COMPILE_MODELS ($variants), cap ${T}s"
     timeout -k 5 "$T" "$PY" benchmarks/throughput.py --device "$DEVICE" --models "$COMPILE_MODELS" \
-      --variants "$variants" --baseline loop-bf16 $COMMON --json "$TMP/compile$i.json" || echo "!! compile phase $i exited with status $?"
+      --variants "$variants" $COMMON --json "$TMP/compile$i.json" || echo "!! compile phase $i exited with status $?"
     PHASES+=("$TMP/compile$i.json")
   done
+  T=$(cap "$COMPILE_TIMEOUT")
+  if (( T >= 30 )); then
+    echo "== 64x64, 200 classes: resnet20x2 (naive, loop, loop + graphs), cap ${T}s"
+    timeout -k 5 "$T" "$PY" benchmarks/throughput.py --device "$DEVICE" --models resnet20x2 --image-size 64 --classes 200 \
+      --variants naive-w2,loop-fp32,loop-fp32-graphs $COMMON --json "$TMP/px64.json" || echo "!! 64x64 phase exited with status $?"
+    PHASES+=("$TMP/px64.json")
+  else
+    echo "!! no time left for the 64x64 phase"
+  fi
 fi
 
 echo
-echo "== summary (x base: pairwise median t_base/t, base = naive-w2 (eager) or loop-bf16 (compile phases);"
+echo "== summary (x base: pairwise median t_base/t against naive-w2 in every phase;"
 echo "   overhead: t_group / sum t_solo at the same precision; epoch s = 390 steps x median step;"
 echo "   peak MB = memory the variant keeps (incl. the 150 MB device-resident data set of Trainer variants) + its step peak)"
 "$PY" benchmarks/throughput.py --merge "${PHASES[@]}" --json "$OUTDIR/gpu_throughput.json"

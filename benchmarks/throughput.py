@@ -86,11 +86,12 @@ FULL_MODELS = "resnet20x2,resnet32x2,wrn16_2x2,resnet20x3,resnet20x4"
 
 
 # ---------------------------------------------------------------------------------------------- data
-def synthetic_cifar(n: int, seed: int = 0) -> ArrayDataset:
+def synthetic_cifar(n: int, seed: int = 0, size: int = 32, classes: int = 10) -> ArrayDataset:
+    """Random uint8 images (speed does not depend on the pixels): CIFAR-shaped, or e.g. 64x64 with 200 classes."""
     g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    return ArrayDataset(images, labels, 10, CIFAR_MEAN, CIFAR_STD, name="synthetic-cifar")
+    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    return ArrayDataset(images, labels, classes, CIFAR_MEAN, CIFAR_STD, name=f"synthetic-{size}px-{classes}")
 
 
 class NaiveCifar(torch.utils.data.Dataset):
@@ -124,6 +125,7 @@ class Variant:
     base: str
     precision: str = "bf16"
     compile: bool = False
+    graphs: bool = False  # compile with CUDA graphs (mode reduce-overhead)
     channels_last: bool = True
     perturb: bool = False
     workers: int | None = None
@@ -140,6 +142,8 @@ def parse_variant(spec: str) -> Variant:
             v.precision = token
         elif token == "compile" and base != "naive":
             v.compile = True
+        elif token == "graphs" and base != "naive":
+            v.compile = v.graphs = True
         elif token == "nocl" and base != "naive":
             v.channels_last = False
         elif token == "perturb" and base in ("loop", "fused"):
@@ -196,7 +200,7 @@ class NaiveRunner(Runner):
         self.device = torch.device(args.device)
         self.n = len(names)
         torch.manual_seed(args.seed)
-        self.nets = [models.create(name, num_classes=10, in_channels=3).to(self.device).train() for name in names]
+        self.nets = [models.create(name, num_classes=args.classes, in_channels=3).to(self.device).train() for name in names]
         self.opts = [torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4) for net in self.nets]
         self.scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=200 * (CIFAR_TRAIN // args.batch)) for opt in self.opts]
         workers = v.workers if v.workers is not None else (2 if self.device.type == "cuda" else 0)
@@ -272,7 +276,8 @@ class TrainerRunner(Runner):
             "perturb": {"enabled": v.perturb},
             "optim": {"epochs": 200},
             "train": {"device": args.device, "precision": v.precision, "channels_last": v.channels_last,
-                      "compile": v.compile, "fused": v.base == "fused", "threads": args.threads,
+                      "compile": v.compile, "cuda_graphs": v.graphs if v.compile else None,
+                      "fused": v.base == "fused", "threads": args.threads,
                       "progress": False, "tensorboard": False},
         }
         config = validate(raw)
@@ -543,6 +548,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--samples", type=int, default=CIFAR_TRAIN, help="synthetic training images (default 50000)")
+    p.add_argument("--image-size", type=int, default=32, help="synthetic image side (default 32; 64 for Tiny-ImageNet)")
+    p.add_argument("--classes", type=int, default=10, help="classes of the synthetic data and the models (default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a 1-2 minute check: resnet20x2, 5 reps of 2 steps")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -612,7 +619,7 @@ def main(argv=None) -> dict[str, Any]:
     info = machine_info(device)
     print(f"throughput: device={device} torch={torch.__version__} threads={args.threads} batch={args.batch} "
           f"reps={args.reps} steps={args.steps} {info.get('gpu', info['cpu'])}", flush=True)
-    data = synthetic_cifar(args.samples, args.seed)
+    data = synthetic_cifar(args.samples, args.seed, args.image_size, args.classes)
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
     out = {"meta": {**info, "command": " ".join([Path(sys.executable).name, *sys.argv]), "args": vars(args)},
