@@ -19,6 +19,7 @@ STREAM_OFFSETS: dict[str, int] = {
 #: salts for sibling generators derived from a stream's seed
 SALTS: dict[str, int] = {
     "perturbation-samples": 0x5A4D504C,  # "ZMPL": per-sample randomness of the perturbation ops
+    "augmented-view": 0x7669657700000000,  # "view": extra augmented views of a batch (one per network)
 }
 
 
@@ -43,3 +44,8 @@ def keyed_seed(seed: int, key: int) -> int:
 def salted_seed(seed: int, salt: str) -> int:
     """A decorrelated 63-bit seed for a sibling generator of ``seed``."""
     return splitmix64((int(seed) ^ SALTS[salt]) & _MASK64) & 0x7FFFFFFFFFFFFFFF
+
+
+def view_seed(seed: int, view: int) -> int:
+    """The seed of extra augmented view ``view >= 1`` of the data stream ``seed`` (view 0 is the stream itself)."""
+    return splitmix64((int(seed) & _MASK64) ^ splitmix64(SALTS["augmented-view"] + int(view))) >> 1

@@ -32,32 +32,21 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..rng import keyed_seed, view_seed
 from .datasets import ArrayDataset
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+__all__ = ["Batch", "TensorLoader", "epoch_generator", "epoch_seed", "view_seed"]
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """A 63-bit generator seed that depends only on ``(seed, epoch)``."""
-    return _splitmix64(_splitmix64(int(seed) & _MASK64) ^ (int(epoch) & _MASK64)) >> 1
+    return keyed_seed(seed, epoch)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     g = torch.Generator(device="cpu")
     g.manual_seed(epoch_seed(seed, epoch))
     return g
-
-
-def view_seed(seed: int, view: int) -> int:
-    """Seed of extra augmented view ``view >= 1``: a separate stream, so view 0 draws as before."""
-    return _splitmix64((int(seed) & _MASK64) ^ _splitmix64(0x7669657700000000 + int(view))) >> 1
 
 
 class Batch(NamedTuple):
