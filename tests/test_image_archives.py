@@ -322,7 +322,8 @@ def test_data_inspect_prints_the_summary_and_writes_the_grid(tmp_path, capsys):
 
 
 def test_root_found_through_kdarena_data(tmp_path, monkeypatch):
-    archive = tar_of(write_folder(tmp_path / "ds"), tmp_path / "store" / "mine.tar.gz") if (tmp_path / "store").mkdir() is None else None
+    (tmp_path / "store").mkdir()
+    archive = tar_of(write_folder(tmp_path / "ds"), tmp_path / "store" / "mine.tar.gz")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("KDARENA_DATA", str(tmp_path / "store"))
     assert load("mine.tar.gz")[2].root == str(archive)  # a config's relative root, looked up in $KDARENA_DATA
