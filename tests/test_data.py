@@ -174,7 +174,12 @@ def test_fashion_missing_lists_searched_paths(isolated, monkeypatch):
     with pytest.raises(FileNotFoundError) as info:
         load_arrays("fashion_mnist", root=str(isolated / "myroot"))
     msg = str(info.value)
-    for p in (isolated / "myroot", isolated / "envdata", isolated / "envdata" / "fashion-mnist",
+    assert str(isolated / "myroot" / "fashion-mnist") in msg
+    assert str(isolated / "envdata") not in msg  # a given root is the only place searched
+    with pytest.raises(FileNotFoundError) as info:
+        load_arrays("fashion_mnist")
+    msg = str(info.value)
+    for p in (isolated / "envdata", isolated / "envdata" / "fashion-mnist",
               isolated / "home" / ".cache" / "kdarena" / "fashion-mnist", isolated / "system" / "fashion-mnist"):
         assert str(p) in msg
     assert "apt-get install dataset-fashion-mnist" in msg
