@@ -331,3 +331,6 @@ def test_root_found_through_kdarena_data(tmp_path, monkeypatch):
     assert load(None)[2].root == str(archive)  # $KDARENA_DATA naming the data set itself
     with pytest.raises(ImageDataError, match="other.tar.gz not found"):
         load("other.tar.gz")
+    tiny = zip_of(write_tiny_official(tmp_path / "raw"), tmp_path / "store" / "tiny-imagenet-200.zip", top="tiny-imagenet-200")
+    monkeypatch.setenv("KDARENA_DATA", str(tmp_path / "store"))  # a folder of data sets: found by name
+    assert load(None, name="tiny_imagenet", image_size=8)[2].root == str(tiny)

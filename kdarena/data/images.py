@@ -80,7 +80,7 @@ def resolve_root(root: str | None, name: str, download: bool = False) -> str:
                 "or $KDARENA_DATA pointing at one"
             )
         names = TINY_IMAGENET_NAMES
-        searched = search_dirs(None, names)
+        searched = [d for d in search_dirs(None, names) if os.path.basename(d) in names]
     for cand in searched:
         if os.path.isdir(cand) or is_archive(cand):
             return cand
