@@ -78,6 +78,6 @@ def inspect_images(root: str, name: str = "imagefolder", image_size: int | None 
         f"({'from the cache' if info.from_cache else 'decoded now'})",
         f"cache        {info.cache or 'not written'}",
         f"skipped      {len(info.skipped)} file(s){': ' + info.skipped[0] if info.skipped else ''}",
-        f"samples      {out}",
+        f"samples      {out}" + (" (the first 20 classes)" if len(info.classes) > 20 else ""),
     ]
     return "\n".join(lines), info
