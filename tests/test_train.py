@@ -351,3 +351,9 @@ def test_frozen_bn_stats_normalises_with_batch_statistics_but_keeps_running_ones
     assert torch.equal(frozen.running_mean, torch.zeros(3)) and torch.equal(frozen.running_var, torch.ones(3))
     assert int(frozen.num_batches_tracked) == 0 and frozen.momentum == 0.1
     assert not torch.equal(reference.running_mean, torch.zeros(3))  # the test would see an update
+
+
+def test_independent_training_is_never_perturbed(tmp_path):
+    """No competition filters a perturbed batch: independent means plain training even with perturb.enabled."""
+    summary = train(tiny("optim.epochs=1", "method.name=independent", "perturb.enabled=true", "perturb.every=1"), tmp_path / "r")
+    assert summary["perturbed_steps"] == 0

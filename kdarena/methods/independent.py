@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import GroupLosses, GroupMethod, StepInput
+from .base import GroupLosses, GroupMethod, Needs, StepInput
 from .common import check_logits, no_teacher, per_network_ce
 from .registry import register_method
 
@@ -15,6 +15,12 @@ class Independent(GroupMethod):
     label = "independent training (cross-entropy only)"
     paper = "baseline"
     presets = {"independent": ["method.name=independent", "perturb.enabled=false"]}
+
+    @property
+    def needs(self) -> Needs:
+        # No competition filters a perturbed batch here: with one network "perturb one network" would
+        # mean every batch (and its BatchNorm statistics frozen); train independently means plain training.
+        return Needs(min_networks=1, perturbation=False)
 
     def losses(self, step: StepInput) -> GroupLosses:
         check_logits(step.logits, 1)
