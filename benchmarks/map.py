@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kdarena.experiments.report import write_report  # noqa: E402
+from kdarena.methods.registry import label_order  # noqa: E402
 from kdarena.experiments.stats import mean, paired_difference, sample_std  # noqa: E402
 from kdarena.experiments.sweep import run_sweep  # noqa: E402
 
@@ -79,12 +80,13 @@ def run_accuracy(summary: dict, key: str) -> float | None:
 
 
 def collect(cell_dir: Path) -> dict[str, dict[int, dict]]:
-    """label -> seed -> summary of every finished run of a cell."""
-    out: dict[str, dict[int, dict]] = {}
+    """label -> seed -> summary of every finished run of a cell, labels in the registry's order."""
+    found: dict[str, dict[int, dict]] = {}
     for path in sorted(cell_dir.glob("*-seed*/summary.json")):
         label, seed = path.parent.name.rsplit("-seed", 1)
-        out.setdefault(label, {})[int(seed)] = json.loads(path.read_text())
-    return out
+        found.setdefault(label, {})[int(seed)] = json.loads(path.read_text())
+    order = label_order()
+    return {label: found[label] for label in sorted(found, key=lambda l: (order.index(l) if l in order else len(order), l))}
 
 
 def write_map(out: Path, cells: dict[str, tuple]) -> str:
