@@ -35,14 +35,6 @@ METHODS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
 
 def tiny(*overrides: str):
     return load(None, TINY + list(overrides))

@@ -14,12 +14,6 @@ TINY = ["models=[convnet,convnet]", "data.name=digits", "data.train_subset=128",
         "train.device=cpu", "train.threads=1", "train.precision=fp32", "train.progress=false", "train.tensorboard=false"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_cuda_graphs_are_the_default_compile_mode_on_cuda_only():
     assert compile_mode(None, torch.device("cuda")) == "reduce-overhead"

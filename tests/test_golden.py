@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 from cases import BASE, CASES, summarize  # noqa: E402
@@ -16,12 +15,6 @@ from kdarena.trainer import Trainer  # noqa: E402
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "steps.json").read_text())
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

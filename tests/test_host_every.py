@@ -25,12 +25,6 @@ GOLDEN = json.loads((Path(__file__).parent / "golden" / "steps.json").read_text(
 BAD_STEP = 3
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 def _poison(trainer: Trainer, at: int = BAD_STEP) -> Trainer:
     """Put an Inf pixel into the batch of global step ``at`` (every network sees it)."""

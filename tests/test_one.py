@@ -28,13 +28,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
 
 def tiny(*overrides: str):
     return load(None, TINY + list(overrides))

@@ -53,12 +53,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_the_registry_knows_the_toy_method_and_its_options():
     assert "toy-ensemble" in registry.names() and "toy-ensemble" in presets()

@@ -17,15 +17,20 @@ import urllib.error
 import urllib.request
 from typing import Sequence
 
-_CHUNK = 1 << 20
+_CHUNK = 1 << 22
 
 
-def md5sum(path: str) -> str:
-    h = hashlib.md5()
+def file_digest(path: str, algorithm: str = "md5") -> str:
+    """Hex digest of a file, read in 4 MiB blocks (md5 for the published checksums, sha256 for cache keys)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_CHUNK), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def md5sum(path: str) -> str:
+    return file_digest(path, "md5")
 
 
 def download_file(

@@ -19,19 +19,15 @@ from typing import Any
 import numpy as np
 
 from .datasets import cache_dir
+from .download import file_digest
 from .sources import Source
 
 FORMAT = 1
 ARRAYS = ("train_x", "train_y", "test_x", "test_y")
-_BLOCK = 1 << 22
 
 
 def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_BLOCK), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def source_fingerprint(path: str) -> str:
