@@ -13,3 +13,9 @@ def _restore_torch_globals():
     yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: small CPU tests are faster and steadier without OpenMP spinning."""
+    torch.set_num_threads(1)  # restored by _restore_torch_globals

@@ -14,12 +14,7 @@ from kdarena.losses import MixedTarget
 from kdarena.methods import CompetitiveDistillation
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_pair(model: str, n: int, collect_features: bool = False, dtype=torch.float64, channels_last: bool = False):

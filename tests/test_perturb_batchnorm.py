@@ -14,12 +14,7 @@ from kdarena.group import Group
 from kdarena.perturb import BatchNormSnapshot, GroupBatchNormSnapshot, bn_buffers, frozen_bn_stats, preserved_bn_stats
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_group(n: int = 3) -> Group:
