@@ -41,6 +41,8 @@ CELLS = {
         "tin50-e1": (TIN, ["optim.epochs=1"], {"classes": 50, "epochs": 1}),
         # the other cells run the core of the arena only (what fits one session on 2 cores)
         "tin50-e12": (TIN, ["optim.epochs=12", "train.eval_every=2"], {"classes": 50, "epochs": 12, "methods": "core"}),
+        # the longest budget: training accuracy pulls away from test accuracy (the over-fitting end of the axis)
+        "tin50-e30": (TIN, ["optim.epochs=30", "train.eval_every=3"], {"classes": 50, "epochs": 30}),
         "c10-e4": (C10, ["optim.epochs=4", "train.eval_every=2"], {"classes": 10, "epochs": 4, "methods": "core"}),
         "tin200-e4": (TIN, ["data.classes=200", "optim.epochs=4", "train.eval_every=2"], {"classes": 200, "epochs": 4, "methods": "core"}),
     },
@@ -93,38 +95,54 @@ def write_map(out: Path, cells: dict[str, tuple]) -> str:
     rows, lines = [], ["# The map", "",
                        "Test top-1 (%) of each method, mean over its networks, mean ± std over seeds; Δ = paired difference "
                        "to independent / DML over matched seeds with its 95 % t-interval (* = interval above 0, "
-                       "− = below 0). Train = last-epoch training top-1.", ""]
+                       "− = below 0), at the epoch of best validation top-1 and at the last epoch. Train = last-epoch "
+                       "training top-1 (running, on augmented batches); gap = train − last test.", ""]
     for name, (_, _, axis) in cells.items():
         runs = collect(out / name)
         axis = {k: v for k, v in axis.items() if k != "methods"}
         if not runs:
             continue
         lines += [f"## {name}: {axis['classes']} classes, {axis['epochs']} epochs", "",
-                  "| method | seeds | @ best val | last | train | Δ vs independent (@ best val) | Δ vs DML (@ best val) | ensemble |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        base = {s: run_accuracy(v, "test_at_best_val_top1") for s, v in runs.get("independent", {}).items()}
-        dml = {s: run_accuracy(v, "test_at_best_val_top1") for s, v in runs.get("dml", {}).items()}
-        for label, by_seed in runs.items():
-            best = {s: run_accuracy(v, "test_at_best_val_top1") for s, v in by_seed.items()}
-            last = [run_accuracy(v, "last_test_top1") for v in by_seed.values()]
-            train = [run_accuracy(v, "last_train_top1") for v in by_seed.values()]
-            ens = [v["ensemble"]["test_at_best_val_top1"] for v in by_seed.values() if v.get("ensemble")]
+                  "| method | seeds | @ best val | last | train | gap | Δ vs independent (@ best val) | Δ vs DML (@ best val) "
+                  "| Δ vs independent (last) | Δ vs DML (last) | ensemble |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
-            def diff(ref):
-                d = paired_difference(best, ref)
+        def accuracies(by_seed: dict[int, dict], key: str) -> dict[int, float | None]:
+            return {s: run_accuracy(v, key) for s, v in by_seed.items()}
+
+        refs = {key: (accuracies(runs.get("independent", {}), key), accuracies(runs.get("dml", {}), key))
+                for key in ("test_at_best_val_top1", "last_test_top1")}
+        for label, by_seed in runs.items():
+            best, last = accuracies(by_seed, "test_at_best_val_top1"), accuracies(by_seed, "last_test_top1")
+            train = list(accuracies(by_seed, "last_train_top1").values())
+            ens = [v["ensemble"]["test_at_best_val_top1"] for v in by_seed.values() if v.get("ensemble")]
+            deltas = {}
+            for key, values in (("test_at_best_val_top1", best), ("last_test_top1", last)):
+                base, dml = refs[key]
+                deltas[key] = (paired_difference(values, base) if label != "independent" else None,
+                               paired_difference(values, dml) if label != "dml" else None)
+
+            def cell(d) -> str:
+                if d is None:
+                    return ""
                 mark = {"better": " *", "worse": " −"}.get(d.verdict, "")
                 return d.text() + mark if d.n else "-"
 
             pm = lambda xs: f"{mean(xs):.2f} ± {sample_std(xs):.2f}" if len(xs) > 1 else (f"{xs[0]:.2f}" if xs else "-")  # noqa: E731
             clean = lambda xs: [x for x in xs if x is not None]  # noqa: E731
-            lines.append(f"| {label} | {len(by_seed)} | {pm(clean(best.values()))} | {pm(clean(last))} | {pm(clean(train))} | "
-                         f"{diff(base) if label != 'independent' else ''} | {diff(dml) if label != 'dml' else ''} | {pm(ens)} |")
-            d_ind, d_dml = paired_difference(best, base), paired_difference(best, dml)
-            rows.append({"cell": name, **axis, "method": label, "seeds": len(by_seed),
-                         "best_val_mean": mean(clean(best.values())), "best_val_std": sample_std(clean(best.values())),
-                         "last_mean": mean(clean(last)), "train_mean": mean(clean(train)),
-                         "delta_independent": d_ind.mean, "delta_independent_low": d_ind.low, "delta_independent_high": d_ind.high,
-                         "delta_dml": d_dml.mean, "delta_dml_low": d_dml.low, "delta_dml_high": d_dml.high})
+            gap = [t - l for t, l in zip(train, last.values()) if t is not None and l is not None]
+            (bi, bd), (li, ld) = deltas["test_at_best_val_top1"], deltas["last_test_top1"]
+            lines.append(f"| {label} | {len(by_seed)} | {pm(clean(best.values()))} | {pm(clean(last.values()))} | "
+                         f"{pm(clean(train))} | {pm(gap)} | {cell(bi)} | {cell(bd)} | {cell(li)} | {cell(ld)} | {pm(ens)} |")
+            row = {"cell": name, **axis, "method": label, "seeds": len(by_seed),
+                   "best_val_mean": mean(clean(best.values())), "best_val_std": sample_std(clean(best.values())),
+                   "last_mean": mean(clean(last.values())), "last_std": sample_std(clean(last.values())),
+                   "train_mean": mean(clean(train)), "gap_mean": mean(gap)}
+            for key, tag in (("test_at_best_val_top1", ""), ("last_test_top1", "_last")):
+                for d, ref in zip(deltas[key], ("independent", "dml")):
+                    row.update({f"delta_{ref}{tag}": d.mean if d else None, f"delta_{ref}{tag}_low": d.low if d else None,
+                                f"delta_{ref}{tag}_high": d.high if d else None})
+            rows.append(row)
         lines.append("")
     text = "\n".join(lines) + "\n"
     (out / "map.md").write_text(text)
@@ -138,13 +156,17 @@ def write_map(out: Path, cells: dict[str, tuple]) -> str:
 
 
 def plot_map(rows: list[dict], path: Path) -> None:
+    """Test accuracy against epochs and against classes, and the train − test gap against epochs (the regime)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2))
-    for ax, (axis, fixed) in zip(fig.subplots(1, 2), (("epochs", ("classes", 50)), ("classes", ("epochs", 4)))):
+    fig = Figure(figsize=(16, 4.4))
+    panels = (("epochs", ("classes", 50), "best_val_mean", "best_val_std", "test top-1 @ best val (%)"),
+              ("classes", ("epochs", 4), "best_val_mean", "best_val_std", "test top-1 @ best val (%)"),
+              ("epochs", ("classes", 50), "gap_mean", None, "train − test top-1, last epoch (points)"))
+    for ax, (axis, fixed, key, err, ylabel) in zip(fig.subplots(1, 3), panels):
         for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r[axis], r["best_val_mean"], r["best_val_std"]) for r in rows
-                         if r["method"] == method and r[fixed[0]] == fixed[1] and not math.isnan(r["best_val_mean"]))
+            pts = sorted((r[axis], r[key], r[err] if err else 0.0) for r in rows
+                         if r["method"] == method and r[fixed[0]] == fixed[1] and not math.isnan(r[key]))
             if len(pts) < 2:
                 continue
             xs, ys, es = zip(*pts)
@@ -152,10 +174,11 @@ def plot_map(rows: list[dict], path: Path) -> None:
                         linestyle="--" if method.startswith("cd") else "-")
         ax.set_xscale("log")
         ax.set_xlabel(axis)
-        ax.set_ylabel("test top-1 @ best val (%)")
-        ax.set_title(f"accuracy vs {axis} ({fixed[0]} = {fixed[1]})")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{'generalisation gap' if key == 'gap_mean' else 'accuracy'} vs {axis} ({fixed[0]} = {fixed[1]})")
         ax.grid(alpha=0.3)
-    fig.axes[0].legend(fontsize=7, ncol=2)
+    if fig.axes[0].get_legend_handles_labels()[0]:
+        fig.axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

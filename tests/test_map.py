@@ -1,0 +1,75 @@
+"""benchmarks/map.py: the map's table and csv from finished runs (paired differences at both epochs, the gap)."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def map_module():
+    spec = importlib.util.spec_from_file_location("kdarena_map_benchmark", ROOT / "benchmarks" / "map.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# seed -> (test @ best val, last test, last train) of each of a run's two networks
+RUNS = {
+    "independent": {0: [(10.0, 11.0, 20.0), (12.0, 13.0, 22.0)], 1: [(9.0, 10.0, 19.0), (9.0, 10.0, 19.0)],
+                    2: [(11.0, 12.0, 21.0), (11.0, 12.0, 23.0)]},
+    "dml": {0: [(12.0, 13.0, 21.0), (12.0, 13.0, 21.0)], 1: [(10.0, 12.0, 20.0), (10.0, 12.0, 20.0)],
+            2: [(12.0, 13.5, 22.0), (13.0, 14.5, 22.0)]},
+}
+
+
+def _write_runs(cell: Path) -> None:
+    for label, seeds in RUNS.items():
+        for seed, networks in seeds.items():
+            run = cell / f"{label}-seed{seed}"
+            run.mkdir(parents=True)
+            summary = {"networks": [{"name": f"net{i}", "test_at_best_val_top1": b, "last_test_top1": l,
+                                     "last_train_top1": t} for i, (b, l, t) in enumerate(networks)],
+                       "ensemble": {"test_at_best_val_top1": 1.0}}
+            (run / "summary.json").write_text(json.dumps(summary))
+
+
+def _paired_text(a: list[float], b: list[float]) -> str:
+    """The t-interval written out: mean of a - b ± t(0.975, n-1) * sd / sqrt(n), with t(0.975, 2) = 4.3027."""
+    d = [x - y for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1))
+    half = 4.3027 * sd / math.sqrt(len(d))
+    return f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]"
+
+
+def test_map_reports_paired_differences_at_best_val_and_last_epoch(map_module, tmp_path):
+    _write_runs(tmp_path / "tiny")
+    cells = {"tiny": (None, [], {"classes": 50, "epochs": 30})}
+    text = map_module.write_map(tmp_path, cells)
+
+    def per_run(label, k):
+        return [sum(net[k] for net in RUNS[label][s]) / 2 for s in (0, 1, 2)]
+
+    dml_row = next(line for line in text.splitlines() if line.startswith("| dml |"))
+    columns = [c.strip() for c in dml_row.strip("|").split("|")]
+    # method, seeds, @best, last, train, gap, Δind(best), Δdml(best), Δind(last), Δdml(last), ensemble
+    assert columns[6] == _paired_text(per_run("dml", 0), per_run("independent", 0)) + " *"
+    assert columns[8].startswith(_paired_text(per_run("dml", 1), per_run("independent", 1)))
+    assert columns[8].endswith("*")  # last epoch: +1.67 [+0.23, +3.10], entirely above zero
+    assert columns[7] == "" and columns[9] == ""  # no difference of DML to itself
+    gaps = [t - l for t, l in zip(per_run("dml", 2), per_run("dml", 1))]
+    assert columns[5] == f"{sum(gaps) / 3:.2f} ± {math.sqrt(sum((g - sum(gaps) / 3) ** 2 for g in gaps) / 2):.2f}"
+
+    with open(tmp_path / "map.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    d = [x - y for x, y in zip(per_run("dml", 1), per_run("independent", 1))]
+    assert float(rows["dml"]["delta_independent_last"]) == pytest.approx(sum(d) / 3)
+    assert rows["independent"]["delta_independent_last"] == ""
+    assert (tmp_path / "map.png").stat().st_size > 0
