@@ -42,7 +42,14 @@ CELLS = {
         # the other cells run the core of the arena only (what fits one session on 2 cores)
         "tin50-e12": (TIN, ["optim.epochs=12", "train.eval_every=2"], {"classes": 50, "epochs": 12, "methods": "core"}),
         # the longest budget: training accuracy pulls away from test accuracy (the over-fitting end of the axis)
-        "tin50-e30": (TIN, ["optim.epochs=30", "train.eval_every=3"], {"classes": 50, "epochs": 30}),
+        "tin50-e30": (TIN, ["optim.epochs=30", "train.eval_every=3"], {"classes": 50, "epochs": 30, "methods": "goal"}),
+        # small data (1,000 CIFAR-10 training images + 250 for validation): budgets from under- to over-fitting
+        "c10s-e40": (C10, ["data.train_subset=1250", "optim.epochs=40", "train.eval_every=8"],
+                     {"classes": 10, "epochs": 40, "images": 1000, "methods": "core"}),
+        "c10s-e15": (C10, ["data.train_subset=1250", "optim.epochs=15", "train.eval_every=5"],
+                     {"classes": 10, "epochs": 15, "images": 1000, "methods": "core"}),
+        "c10s-e5": (C10, ["data.train_subset=1250", "optim.epochs=5", "train.eval_every=5"],
+                    {"classes": 10, "epochs": 5, "images": 1000, "methods": "core"}),
         "c10-e4": (C10, ["optim.epochs=4", "train.eval_every=2"], {"classes": 10, "epochs": 4, "methods": "core"}),
         "tin200-e4": (TIN, ["data.classes=200", "optim.epochs=4", "train.eval_every=2"], {"classes": 200, "epochs": 4, "methods": "core"}),
     },
@@ -63,12 +70,15 @@ CELLS = {
 
 
 CORE = ["independent", "dml", "kdcl", "cd", "cd-ramp", "cd-soft"]
+GOAL = ["independent", "dml", "cd", "cd-ramp"]  # the issue's goal: our variant against independent, DML and the paper's CD
 
 
 def methods(model: str, which: str = "all") -> list[str]:
     """Every method of the arena (or its core); ONE needs the branched form of the model (shared trunk, two branches)."""
     if which == "core":
         return list(CORE)
+    if which == "goal":
+        return list(GOAL)
     return [
         "independent", "dml", "kdcl", "pcl", "pskd",
         f"one:method.name=one;perturb.enabled=false;models=[branched:{model},branched:{model}]",
@@ -99,7 +109,7 @@ def write_map(out: Path, cells: dict[str, tuple]) -> str:
                        "training top-1 (running, on augmented batches); gap = train − last test.", ""]
     for name, (_, _, axis) in cells.items():
         runs = collect(out / name)
-        axis = {k: v for k, v in axis.items() if k != "methods"}
+        axis = {"images": 2000, **{k: v for k, v in axis.items() if k != "methods"}}
         if not runs:
             continue
         lines += [f"## {name}: {axis['classes']} classes, {axis['epochs']} epochs", "",
@@ -155,32 +165,48 @@ def write_map(out: Path, cells: dict[str, tuple]) -> str:
     return text
 
 
+#: the map's panels: (title, rows of the series) -- the budget axis per protocol, and the class axis
+SERIES = (("Tiny-ImageNet-32, 50 classes, 2,000 images", "epochs", {"classes": 50, "images": 2000}),
+          ("CIFAR-10, 1,000 images", "epochs", {"classes": 10, "images": 1000}),
+          ("2,000 images, 4 epochs", "classes", {"epochs": 4, "images": 2000}))
+
+
 def plot_map(rows: list[dict], path: Path) -> None:
-    """Test accuracy against epochs and against classes, and the train − test gap against epochs (the regime)."""
+    """Top: test accuracy against epochs (per protocol) and against classes; bottom: the train − test gap (the regime)."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(16, 4.4))
-    panels = (("epochs", ("classes", 50), "best_val_mean", "best_val_std", "test top-1 @ best val (%)"),
-              ("classes", ("epochs", 4), "best_val_mean", "best_val_std", "test top-1 @ best val (%)"),
-              ("epochs", ("classes", 50), "gap_mean", None, "train − test top-1, last epoch (points)"))
-    for ax, (axis, fixed, key, err, ylabel) in zip(fig.subplots(1, 3), panels):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r[axis], r[key], r[err] if err else 0.0) for r in rows
-                         if r["method"] == method and r[fixed[0]] == fixed[1] and not math.isnan(r[key]))
-            if len(pts) < 2:
+    methods_in_order = list(dict.fromkeys(r["method"] for r in rows))
+    # tab20's dark shades first, then its light ones: eleven methods, eleven colours
+    colours = {m: colormaps["tab20"]((2 * i) % 20 + (2 * i) // 20) for i, m in enumerate(methods_in_order)}
+    fig = Figure(figsize=(16, 8.4))
+    axes = fig.subplots(2, 3)
+    for col, (title, axis, fixed) in enumerate(SERIES):
+        chosen = [r for r in rows if all(r.get(k) == v for k, v in fixed.items())]
+        for row, (key, err, ylabel) in enumerate((("best_val_mean", "best_val_std", "test top-1 @ best val (%)"),
+                                                  ("gap_mean", None, "train − test top-1, last epoch (points)"))):
+            ax = axes[row][col]
+            if row == 1 and axis == "classes":
+                ax.axis("off")  # room for the legend
                 continue
-            xs, ys, es = zip(*pts)
-            ax.errorbar(xs, ys, yerr=[0 if math.isnan(e) else e for e in es], marker="o", capsize=2, label=method,
-                        linestyle="--" if method.startswith("cd") else "-")
-        ax.set_xscale("log")
-        ax.set_xlabel(axis)
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{'generalisation gap' if key == 'gap_mean' else 'accuracy'} vs {axis} ({fixed[0]} = {fixed[1]})")
-        ax.grid(alpha=0.3)
-    if fig.axes[0].get_legend_handles_labels()[0]:
-        fig.axes[0].legend(fontsize=7, ncol=2)
+            for method in methods_in_order:
+                pts = sorted((r[axis], r[key], r[err] if err else 0.0) for r in chosen
+                             if r["method"] == method and not math.isnan(r[key]))
+                if len(pts) < 2:
+                    continue
+                xs, ys, es = zip(*pts)
+                ax.errorbar(xs, ys, yerr=[0 if math.isnan(e) else e for e in es], marker="o", capsize=2, label=method,
+                            color=colours[method], linestyle="--" if method.startswith("cd") else "-")
+            ax.set_xscale("log")
+            ax.set_xlabel(axis)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{'generalisation gap' if row else 'accuracy'} vs {axis}: {title}", fontsize=9)
+            ax.grid(alpha=0.3)
+    labelled = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    if labelled:
+        axes[1][2].legend(list(labelled.values()), list(labelled), loc="center", ncol=2, fontsize=9, title="method")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main() -> None:
