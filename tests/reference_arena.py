@@ -69,3 +69,14 @@ def pskd64(z, y, previous, a, seen):
             if t > 0:
                 total -= t * math.log(float(p[b, k]))
     return total / z.shape[0]
+
+
+def cd_mean64(logits, mean_logits, y, i, alpha, tau, weight=1.0):
+    """Competitive mean teachers: T = argmin_j CE(m_j) (first on ties, non-finite means excluded),
+    L_i = CE_i + alpha * w * tau^2 * KL(softmax(m_T/tau) || softmax(z_i/tau)); no finite mean: CE_i."""
+    scores = [ce64(m, y) for m in mean_logits]
+    finite = [j for j, s in enumerate(scores) if math.isfinite(s)]
+    if not finite:
+        return ce64(logits[i], y)
+    teacher = min(finite, key=lambda j: (scores[j], j))
+    return ce64(logits[i], y) + alpha * weight * kl_probs64(softmax_rows(_rows(mean_logits[teacher]), tau), logits[i], tau)

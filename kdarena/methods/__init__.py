@@ -15,6 +15,7 @@ from .registry import register_method
 from .independent import Independent  # noqa: E402,I001
 from .dml import DeepMutualLearning  # noqa: E402
 from .cd import CompetitiveDistillation  # noqa: E402
+from .cd_mean import CompetitiveMeanTeachers  # noqa: E402
 from .kd import KnowledgeDistillation, freeze  # noqa: E402
 from .kdcl import KDCL  # noqa: E402
 from .pcl import PeerCollaborativeLearning  # noqa: E402
@@ -23,6 +24,7 @@ from .one import OnTheFlyNativeEnsemble  # noqa: E402
 
 __all__ = [
     "CompetitiveDistillation",
+    "CompetitiveMeanTeachers",
     "DeepMutualLearning",
     "GroupLosses",
     "GroupMethod",

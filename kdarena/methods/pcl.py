@@ -1,7 +1,6 @@
 """PCL-style temporal mean teachers (Wu & Gong, AAAI 2021), on separate networks."""
 from __future__ import annotations
 
-import copy
 import math
 from typing import Sequence
 
@@ -10,21 +9,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..models.branched import whole
 from .base import GroupLosses, GroupMethod, MethodContext, MethodParams, Needs, StepInput
 from .common import check_logits, no_teacher, per_network_ce
-from .kd import freeze
 from .kdcl import finite_networks, kl_from_probs, logit_mean
 from .registry import register_method
-
-
-def ema_decay_at(step: int, ema_decay: float) -> float:
-    """Mean-teacher ramp-up of the EMA decay: min(ema_decay, (t + 1) / (t + 10)), t the global step.
-
-    Early on the average follows the network closely (its first weights are random, a long memory
-    of them would only slow it down); later it is a true temporal mean.
-    """
-    return min(ema_decay, (step + 1) / (step + 10))
+from .temporal import TemporalMeans, ema_decay_at, ema_update  # noqa: F401 (ema_*: this module's public names before)
 
 
 def sigmoid_rampup(epoch: float, length: float) -> float:
@@ -33,19 +22,6 @@ def sigmoid_rampup(epoch: float, length: float) -> float:
         return 1.0
     phase = 1.0 - min(max(epoch, 0.0), length) / length
     return float(math.exp(-5.0 * phase * phase))
-
-
-@torch.no_grad()
-def ema_update(mean: nn.Module, online: nn.Module, decay: float) -> None:
-    """mean <- decay * mean + (1 - decay) * online, for parameters and floating buffers (BN running
-    statistics); integer buffers (BN's batch counter) are copied."""
-    for m, o in zip(mean.parameters(), online.parameters()):
-        m.mul_(decay).add_(o.detach(), alpha=1.0 - decay)
-    for m, o in zip(mean.buffers(), online.buffers()):
-        if m.dtype.is_floating_point:
-            m.mul_(decay).add_(o.detach(), alpha=1.0 - decay)
-        else:
-            m.copy_(o)
 
 
 class PCLParams(MethodParams):
@@ -111,7 +87,11 @@ class PeerCollaborativeLearning(GroupMethod):
             raise ValueError(f"rampup_epochs must be >= 0, got {rampup_epochs}")
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.ema_decay, self.rampup_epochs = float(ema_decay), float(rampup_epochs)
-        self.means: list[nn.Module] = []
+        self.temporal = TemporalMeans(ema_decay, owner="PCL")
+
+    @property
+    def means(self) -> list[nn.Module]:
+        return self.temporal.models
 
     @property
     def needs(self) -> Needs:
@@ -122,15 +102,10 @@ class PeerCollaborativeLearning(GroupMethod):
 
     def build_means(self, networks: Sequence[nn.Module]) -> None:
         """Start every temporal mean as a frozen copy of its network (eval mode)."""
-        self.means = [freeze(copy.deepcopy(net)) for net in networks]
+        self.temporal.build(networks)
 
     def mean_logits(self, step: StepInput) -> list[Tensor]:
-        if not self.means:
-            raise ValueError("PCL has no temporal means: call setup() (the trainer does) before losses()")
-        if step.x is None:
-            raise ValueError("PCL needs the batch (StepInput.x) to run the temporal means on")
-        with torch.no_grad(), step.autocast():
-            return [mean(step.x).float() for mean in self.means]
+        return self.temporal.logits(step)
 
     def peer_mean_targets(self, mean_logits: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
         """p_pmt_i for every i (mean over j != i of the eligible temporal means' probabilities) and
@@ -172,22 +147,16 @@ class PeerCollaborativeLearning(GroupMethod):
         return GroupLosses(list(totals.unbind(0)), totals.sum(), ce.detach(), no_teacher(ce), terms)
 
     def after_step(self, networks: Sequence[nn.Module], losses: GroupLosses, step: StepInput) -> None:
-        decay = ema_decay_at(step.step, self.ema_decay)
-        for mean, net in zip(self.means, networks):
-            ema_update(mean, whole(net), decay)  # a branch of a shared trunk: pair the mean with trunk + branch
+        self.temporal.update(networks, step.step)
 
     def eval_networks(self) -> dict[str, nn.Module]:
-        return {f"mean{i}": mean for i, mean in enumerate(self.means)}
+        return self.temporal.eval_networks()
 
     def state_dict(self) -> dict:
-        return {"means": [{k: v.detach().clone() for k, v in mean.state_dict().items()} for mean in self.means]}
+        return self.temporal.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        saved = state.get("means") or []
-        if len(saved) != len(self.means):
-            raise ValueError(f"the checkpoint holds {len(saved)} temporal means, this run has {len(self.means)} networks")
-        for mean, values in zip(self.means, saved):
-            mean.load_state_dict(values)
+        self.temporal.load_state_dict(state)
 
     @classmethod
     def describe(cls, params, perturb) -> str:
