@@ -56,15 +56,15 @@ CELLS = {
     "gpu": {  # full training sets, CIFAR ResNet-20 pairs; sized for about 12 minutes on one H200 with --jobs 8
         "tin200-e15": (TIN, ["data.classes=200", "data.train_subset=null", "data.val_size=5000", "models=[resnet20,resnet20]",
                              "data.batch_size=128", "optim.lr=0.1", "optim.epochs=15", "train.device=cuda", "train.threads=null"],
-                       {"classes": 200, "epochs": 15}),
+                       {"classes": 200, "epochs": 15, "images": 95000}),
         "tin200-e5": (TIN, ["data.classes=200", "data.train_subset=null", "data.val_size=5000", "models=[resnet20,resnet20]",
                             "data.batch_size=128", "optim.lr=0.1", "optim.epochs=5", "train.device=cuda", "train.threads=null"],
-                      {"classes": 200, "epochs": 5}),
+                      {"classes": 200, "epochs": 5, "images": 95000}),
         "c10-e15": (C10, ["data.train_subset=null", "data.val_size=5000", "models=[resnet20,resnet20]", "data.batch_size=128",
-                          "optim.lr=0.1", "optim.epochs=15", "train.device=cuda", "train.threads=null"], {"classes": 10, "epochs": 15}),
+                          "optim.lr=0.1", "optim.epochs=15", "train.device=cuda", "train.threads=null"], {"classes": 10, "epochs": 15, "images": 45000}),
         "tin200-e45": (TIN, ["data.classes=200", "data.train_subset=null", "data.val_size=5000", "models=[resnet20,resnet20]",
                              "data.batch_size=128", "optim.lr=0.1", "optim.epochs=45", "train.device=cuda", "train.threads=null"],
-                       {"classes": 200, "epochs": 45}),
+                       {"classes": 200, "epochs": 45, "images": 95000}),
     },
 }
 
@@ -82,7 +82,7 @@ def methods(model: str, which: str = "all") -> list[str]:
     return [
         "independent", "dml", "kdcl", "pcl", "pskd",
         f"one:method.name=one;perturb.enabled=false;models=[branched:{model},branched:{model}]",
-        "cd", "cd-code", "cd-noperturb", "cd-ramp", "cd-soft",
+        "cd", "cd-code", "cd-noperturb", "cd-ramp", "cd-soft", "cd-mean",
     ]
 
 
@@ -107,9 +107,10 @@ def write_map(out: Path, cells: dict[str, tuple]) -> str:
                        "to independent / DML over matched seeds with its 95 % t-interval (* = interval above 0, "
                        "− = below 0), at the epoch of best validation top-1 and at the last epoch. Train = last-epoch "
                        "training top-1 (running, on augmented batches); gap = train − last test.", ""]
-    for name, (_, _, axis) in cells.items():
+    for name, (config, _, axis) in cells.items():
         runs = collect(out / name)
-        axis = {"images": 2000, **{k: v for k, v in axis.items() if k != "methods"}}
+        axis = {"data": "CIFAR-10" if config == C10 else "Tiny-ImageNet-32", "images": 2000,
+                **{k: v for k, v in axis.items() if k != "methods"}}
         if not runs:
             continue
         lines += [f"## {name}: {axis['classes']} classes, {axis['epochs']} epochs", "",
@@ -165,10 +166,22 @@ def write_map(out: Path, cells: dict[str, tuple]) -> str:
     return text
 
 
-#: the map's panels: (title, rows of the series) -- the budget axis per protocol, and the class axis
-SERIES = (("Tiny-ImageNet-32, 50 classes, 2,000 images", "epochs", {"classes": 50, "images": 2000}),
-          ("CIFAR-10, 1,000 images", "epochs", {"classes": 10, "images": 1000}),
-          ("2,000 images, 4 epochs", "classes", {"epochs": 4, "images": 2000}))
+def panels(rows: list[dict]) -> list[tuple[str, str, dict]]:
+    """The map's panels, found in the rows: accuracy against epochs for every protocol (classes, images) run at two
+    or more budgets, and against classes for every budget (epochs, images) run with two or more class counts."""
+    def distinct(fixed: dict, axis: str) -> int:
+        return len({r[axis] for r in rows if all(r[k] == v for k, v in fixed.items())})
+
+    found = []
+    for data, classes, images in dict.fromkeys((r["data"], r["classes"], r["images"]) for r in rows):
+        fixed = {"data": data, "classes": classes, "images": images}
+        if distinct(fixed, "epochs") > 1:
+            found.append((f"{data}, {classes} classes, {images:,} images", "epochs", fixed))
+    for epochs, images in dict.fromkeys((r["epochs"], r["images"]) for r in rows):
+        fixed = {"epochs": epochs, "images": images}
+        if distinct(fixed, "classes") > 1:
+            found.append((f"{epochs} epochs, {images:,} images", "classes", fixed))
+    return found
 
 
 def plot_map(rows: list[dict], path: Path) -> None:
@@ -178,16 +191,19 @@ def plot_map(rows: list[dict], path: Path) -> None:
 
     methods_in_order = list(dict.fromkeys(r["method"] for r in rows))
     # tab20's dark shades first, then its light ones: eleven methods, eleven colours
-    colours = {m: colormaps["tab20"]((2 * i) % 20 + (2 * i) // 20) for i, m in enumerate(methods_in_order)}
-    fig = Figure(figsize=(16, 8.4))
-    axes = fig.subplots(2, 3)
-    for col, (title, axis, fixed) in enumerate(SERIES):
+    colours = {m: colormaps["tab20"]((2 * i) % 20 + (2 * i) // 20 % 2) for i, m in enumerate(methods_in_order)}
+    series = panels(rows) or [("", "epochs", {})]
+    fig = Figure(figsize=(5.4 * len(series), 8.4))
+    axes = fig.subplots(2, len(series), squeeze=False)
+    spare = None
+    for col, (title, axis, fixed) in enumerate(series):
         chosen = [r for r in rows if all(r.get(k) == v for k, v in fixed.items())]
         for row, (key, err, ylabel) in enumerate((("best_val_mean", "best_val_std", "test top-1 @ best val (%)"),
                                                   ("gap_mean", None, "train − test top-1, last epoch (points)"))):
             ax = axes[row][col]
             if row == 1 and axis == "classes":
                 ax.axis("off")  # room for the legend
+                spare = ax
                 continue
             for method in methods_in_order:
                 pts = sorted((r[axis], r[key], r[err] if err else 0.0) for r in chosen
@@ -204,7 +220,8 @@ def plot_map(rows: list[dict], path: Path) -> None:
             ax.grid(alpha=0.3)
     labelled = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
     if labelled:
-        axes[1][2].legend(list(labelled.values()), list(labelled), loc="center", ncol=2, fontsize=9, title="method")
+        (spare or axes[0][0]).legend(list(labelled.values()), list(labelled), loc="center" if spare else "best",
+                                     ncol=2, fontsize=9 if spare else 7, title="method")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
