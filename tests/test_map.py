@@ -73,3 +73,15 @@ def test_map_reports_paired_differences_at_best_val_and_last_epoch(map_module, t
     assert float(rows["dml"]["delta_independent_last"]) == pytest.approx(sum(d) / 3)
     assert rows["independent"]["delta_independent_last"] == ""
     assert (tmp_path / "map.png").stat().st_size > 0
+
+
+def test_map_panels_follow_the_protocols_that_were_run(map_module):
+    def row(data, classes, images, epochs):
+        return {"data": data, "classes": classes, "images": images, "epochs": epochs}
+
+    rows = [row("T", 50, 2000, 1), row("T", 50, 2000, 4), row("T", 200, 2000, 4), row("C", 10, 2000, 4),
+            row("C", 10, 1000, 5), row("C", 10, 1000, 40), row("C", 10, 45000, 15)]
+    found = [(axis, fixed) for _, axis, fixed in map_module.panels(rows)]
+    assert found == [("epochs", {"data": "T", "classes": 50, "images": 2000}),
+                     ("epochs", {"data": "C", "classes": 10, "images": 1000}),
+                     ("classes", {"epochs": 4, "images": 2000})]
