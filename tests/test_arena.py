@@ -109,13 +109,18 @@ def test_pcl_matches_formula_given_the_temporal_means(n, tau):
     for i in range(n):
         assert out.per_network[i].item() == pytest.approx(pcl64(logits, means, y, i, 0.6, tau), abs=1e-9)
     # gradient isolation: the ensemble and the temporal means are constants for every student
+    assert_isolated_given_means(method, out, logits, means, y)
+
+
+def assert_isolated_given_means(method, out, logits, means, y):
+    """One backward of the total gives every network the gradient of its own loss alone; the means get none."""
     out.total.backward()
     together = [z.grad.clone() for z in logits]
     assert all(m.grad is None for m in means)
-    for i in range(n):
+    for i in range(len(logits)):
         fresh = [z.detach().clone().requires_grad_() for z in logits]
         method.losses(StepInput.of(fresh, y), mean_logits=means).per_network[i].backward()
-        assert all(fresh[j].grad is None or torch.all(fresh[j].grad == 0) for j in range(n) if j != i)
+        assert all(fresh[j].grad is None or torch.all(fresh[j].grad == 0) for j in range(len(logits)) if j != i)
         assert torch.allclose(fresh[i].grad, together[i], atol=1e-12)
 
 

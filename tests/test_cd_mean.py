@@ -17,7 +17,7 @@ from kdarena.methods.registry import presets
 from kdarena.trainer import Trainer
 from reference import ce64
 from reference_arena import cd_mean64
-from test_arena import GRID, random_logits
+from test_arena import GRID, assert_isolated_given_means, random_logits
 from test_arena_train import TINY, assert_same, group_state
 
 
@@ -34,14 +34,7 @@ def test_loss_matches_formula_given_the_temporal_means(n, tau):
     # every network distils, the one whose mean teaches included (the paper's rule leaves its teacher out)
     assert all(out.terms[f"kd_{i}"].item() > 0 for i in range(n))
     # gradient isolation: the teacher is a constant for every student, the means get no gradient
-    out.total.backward()
-    together = [z.grad.clone() for z in logits]
-    assert all(m.grad is None for m in means)
-    for i in range(n):
-        fresh = [z.detach().clone().requires_grad_() for z in logits]
-        method.losses(StepInput.of(fresh, y), mean_logits=means).per_network[i].backward()
-        assert all(fresh[j].grad is None or torch.all(fresh[j].grad == 0) for j in range(n) if j != i)
-        assert torch.allclose(fresh[i].grad, together[i], atol=1e-12)
+    assert_isolated_given_means(method, out, logits, means, y)
 
 
 def test_the_lowest_ce_mean_teaches_ties_to_the_lower_index_and_non_finite_means_cannot():

@@ -12,7 +12,7 @@ from .base import GroupLosses, GroupMethod, MethodContext, MethodParams, Needs, 
 from .common import check_logits, per_network_ce, select_teacher, sigmoid_rampup
 from .kdcl import kl_from_probs
 from .registry import register_method
-from .temporal import TemporalMeans
+from .temporal import TemporalMeans, WithTemporalMeans
 
 
 class CompetitiveMeanParams(MethodParams):
@@ -24,7 +24,7 @@ class CompetitiveMeanParams(MethodParams):
 
 
 @register_method("cd-mean")
-class CompetitiveMeanTeachers(GroupMethod):
+class CompetitiveMeanTeachers(WithTemporalMeans, GroupMethod):
     """Competition among temporal means (ours, beyond the paper).
 
     Every network i keeps a temporal mean M_i (an exponential moving average of its weights, as in
@@ -99,18 +99,6 @@ class CompetitiveMeanTeachers(GroupMethod):
         terms.update({f"kd_{i}": kd[i].detach() for i in range(n)})
         terms.update({f"mean_ce_{i}": mean_ce[i] for i in range(n)})
         return GroupLosses(list(totals.unbind(0)), totals.sum(), ce.detach(), teacher_index, terms)
-
-    def after_step(self, networks: Sequence[nn.Module], losses: GroupLosses, step: StepInput) -> None:
-        self.temporal.update(networks, step.step)
-
-    def eval_networks(self) -> dict[str, nn.Module]:
-        return self.temporal.eval_networks()
-
-    def state_dict(self) -> dict:
-        return self.temporal.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.temporal.load_state_dict(state)
 
     @classmethod
     def describe(cls, params, perturb) -> str:

@@ -13,7 +13,7 @@ from .base import GroupLosses, GroupMethod, MethodContext, MethodParams, Needs, 
 from .common import check_logits, no_teacher, per_network_ce
 from .kdcl import finite_networks, kl_from_probs, logit_mean
 from .registry import register_method
-from .temporal import TemporalMeans, ema_decay_at, ema_update  # noqa: F401 (ema_*: this module's public names before)
+from .temporal import TemporalMeans, WithTemporalMeans, ema_decay_at, ema_update  # noqa: F401 (ema_*: this module's public names before)
 
 
 def sigmoid_rampup(epoch: float, length: float) -> float:
@@ -33,7 +33,7 @@ class PCLParams(MethodParams):
 
 
 @register_method("pcl")
-class PeerCollaborativeLearning(GroupMethod):
+class PeerCollaborativeLearning(WithTemporalMeans, GroupMethod):
     """Peer mean teachers after PCL (Wu & Gong, "Peer Collaborative Learning for Online Knowledge
     Distillation", AAAI 2021): every peer distils from the temporal means of the others and from the
     peer ensemble.
@@ -145,18 +145,6 @@ class PeerCollaborativeLearning(GroupMethod):
         terms.update({f"pmt_{i}": pmt[i].detach() for i in range(n)})
         terms.update({f"ens_{i}": ens[i].detach() for i in range(n)})
         return GroupLosses(list(totals.unbind(0)), totals.sum(), ce.detach(), no_teacher(ce), terms)
-
-    def after_step(self, networks: Sequence[nn.Module], losses: GroupLosses, step: StepInput) -> None:
-        self.temporal.update(networks, step.step)
-
-    def eval_networks(self) -> dict[str, nn.Module]:
-        return self.temporal.eval_networks()
-
-    def state_dict(self) -> dict:
-        return self.temporal.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.temporal.load_state_dict(state)
 
     @classmethod
     def describe(cls, params, perturb) -> str:

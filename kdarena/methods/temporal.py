@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.branched import whole
-from .base import StepInput
+from .base import GroupLosses, StepInput
 from .kd import freeze
 
 
@@ -78,3 +78,22 @@ class TemporalMeans:
             raise ValueError(f"the checkpoint holds {len(saved)} temporal means, this run has {len(self.models)} networks")
         for mean, values in zip(self.models, saved):
             mean.load_state_dict(values)
+
+
+class WithTemporalMeans:
+    """Mixin of the methods that keep ``self.temporal``: update the means after each step, evaluate them as
+    extra networks and save them for exact resume."""
+
+    temporal: TemporalMeans
+
+    def after_step(self, networks: Sequence[nn.Module], losses: GroupLosses, step: StepInput) -> None:
+        self.temporal.update(networks, step.step)
+
+    def eval_networks(self) -> dict[str, nn.Module]:
+        return self.temporal.eval_networks()
+
+    def state_dict(self) -> dict:
+        return self.temporal.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.temporal.load_state_dict(state)
