@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The map at GPU scale (issue "where does competition pay off"): every method of the arena x 3 seeds on
-# full Tiny-ImageNet-32 (200 classes) and CIFAR-10 training sets, CIFAR ResNet-20 pairs, 5 / 15 / 45 epochs,
-# several runs sharing the GPU (kdarena sweep --jobs). Sized for about 12 minutes on one H200 from the
-# throughput measured there in an earlier session (ResNet-32 x 2 at ~5,300 img/s per run, ~3,400 img/s
-# each with five runs at once); not yet run on a GPU: cells that do not fit are cut by the time cap and
-# the same command continues them.
+# The map at GPU scale (issue "where does competition pay off"): the CPU map's small-data CIFAR-10 grid at a
+# larger budget -- CIFAR ResNet-20 pairs on 5,000 training images (+1,000 for validation), 90 / 30 / 10 epochs
+# (the over-fitting end first: the goal's methods and our variants, then the core of the arena), then full
+# Tiny-ImageNet-32 (200 classes, 15 epochs) -- 3 seeds, several runs sharing the GPU (kdarena sweep --jobs).
+# Sized for about 12 minutes on one H200 from the throughput measured there in an earlier session
+# (ResNet-32 x 2 at ~5,300 img/s per run, ~3,400 img/s each with five runs at once); not yet run on a GPU:
+# cells that do not fit are cut by the time cap and the same command continues them.
 #
 # Usage:  bash benchmarks/gpu_map.sh TINY_IMAGENET_ARCHIVE CIFAR10_ARCHIVE
 #   PYTHON=...   interpreter (default: python); OUT=DIR where runs and map.md go (default: runs)

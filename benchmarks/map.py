@@ -34,6 +34,13 @@ from kdarena.experiments.sweep import run_sweep  # noqa: E402
 TIN = ROOT / "configs" / "benchmarks" / "map_tiny_imagenet.yaml"
 C10 = ROOT / "configs" / "benchmarks" / "map_cifar10.yaml"
 
+# small-data CIFAR-10: 1,000 random training images, 500 of them held out for validation; few checkpoints
+XS = ["data.train_subset=1000", "data.val_size=500", "train.checkpoint_every=10"]
+
+# GPU scale: ResNet-20 pairs, batch 128, lr 0.1, on the GPU with torch's threads
+GPU_NET = ["models=[resnet20,resnet20]", "data.batch_size=128", "optim.lr=0.1", "train.device=cuda", "train.threads=null"]
+GPU_SMALL = ["data.train_subset=6000", "data.val_size=1000", "train.checkpoint_every=10", *GPU_NET]
+
 # cell name -> (config, overrides, axis value for the plots)
 CELLS = {
     "cpu": {  # 2,000 training images (+250 validation) of 50 classes; order = priority
@@ -43,51 +50,64 @@ CELLS = {
         "tin50-e12": (TIN, ["optim.epochs=12", "train.eval_every=2"], {"classes": 50, "epochs": 12, "methods": "core"}),
         # the longest budget: training accuracy pulls away from test accuracy (the over-fitting end of the axis)
         "tin50-e30": (TIN, ["optim.epochs=30", "train.eval_every=3"], {"classes": 50, "epochs": 30, "methods": "goal"}),
-        # small data (1,000 CIFAR-10 training images + 250 for validation): budgets from under- to over-fitting
-        "c10s-e40": (C10, ["data.train_subset=1250", "optim.epochs=40", "train.eval_every=8"],
-                     {"classes": 10, "epochs": 40, "images": 1000, "methods": "core"}),
-        "c10s-e15": (C10, ["data.train_subset=1250", "optim.epochs=15", "train.eval_every=5"],
-                     {"classes": 10, "epochs": 15, "images": 1000, "methods": "core"}),
-        "c10s-e5": (C10, ["data.train_subset=1250", "optim.epochs=5", "train.eval_every=5"],
-                    {"classes": 10, "epochs": 5, "images": 1000, "methods": "core"}),
+        # small data (500 CIFAR-10 training images + 500 for validation): budgets from under- to over-fitting
+        "c10xs-e100": (C10, [*XS, "optim.epochs=100", "train.eval_every=20"],
+                       {"classes": 10, "epochs": 100, "images": 500, "methods": "all"}),
+        "c10xs-e30": (C10, [*XS, "optim.epochs=30", "train.eval_every=6"],
+                      {"classes": 10, "epochs": 30, "images": 500, "methods": "core"}),
+        "c10xs-e10": (C10, [*XS, "optim.epochs=10", "train.eval_every=2"],
+                      {"classes": 10, "epochs": 10, "images": 500, "methods": "core"}),
         "c10-e4": (C10, ["optim.epochs=4", "train.eval_every=2"], {"classes": 10, "epochs": 4, "methods": "core"}),
         "tin200-e4": (TIN, ["data.classes=200", "optim.epochs=4", "train.eval_every=2"], {"classes": 200, "epochs": 4, "methods": "core"}),
     },
-    "gpu": {  # full training sets, CIFAR ResNet-20 pairs; sized for about 12 minutes on one H200 with --jobs 8
-        "tin200-e15": (TIN, ["data.classes=200", "data.train_subset=null", "data.val_size=5000", "models=[resnet20,resnet20]",
-                             "data.batch_size=128", "optim.lr=0.1", "optim.epochs=15", "train.device=cuda", "train.threads=null"],
-                       {"classes": 200, "epochs": 15, "images": 95000}),
-        "tin200-e5": (TIN, ["data.classes=200", "data.train_subset=null", "data.val_size=5000", "models=[resnet20,resnet20]",
-                            "data.batch_size=128", "optim.lr=0.1", "optim.epochs=5", "train.device=cuda", "train.threads=null"],
-                      {"classes": 200, "epochs": 5, "images": 95000}),
-        "c10-e15": (C10, ["data.train_subset=null", "data.val_size=5000", "models=[resnet20,resnet20]", "data.batch_size=128",
-                          "optim.lr=0.1", "optim.epochs=15", "train.device=cuda", "train.threads=null"], {"classes": 10, "epochs": 15, "images": 45000}),
-        "tin200-e45": (TIN, ["data.classes=200", "data.train_subset=null", "data.val_size=5000", "models=[resnet20,resnet20]",
-                             "data.batch_size=128", "optim.lr=0.1", "optim.epochs=45", "train.device=cuda", "train.threads=null"],
-                       {"classes": 200, "epochs": 45, "images": 95000}),
+    "gpu": {  # the small-data grid at a larger budget: CIFAR ResNet-20 pairs on 5,000 CIFAR-10 images (+1,000 for
+        # validation), 10 / 30 / 90 epochs, then Tiny-ImageNet-200 (full training set) for the class axis; sized from the
+        # H200 throughput measured earlier (ResNet-32 x 2: ~3,400 img/s per run with five runs at once, ~17,000 in all)
+        # for about 12 minutes, the over-fitting end first; the time cap cuts what does not fit, the same command continues
+        "c10m-e90": (C10, [*GPU_SMALL, "optim.epochs=90", "train.eval_every=10"],
+                     {"classes": 10, "epochs": 90, "images": 5000, "methods": "goal"}),
+        "c10m-e30": (C10, [*GPU_SMALL, "optim.epochs=30", "train.eval_every=5"],
+                     {"classes": 10, "epochs": 30, "images": 5000, "methods": "core"}),
+        "c10m-e10": (C10, [*GPU_SMALL, "optim.epochs=10", "train.eval_every=2"],
+                     {"classes": 10, "epochs": 10, "images": 5000, "methods": "core"}),
+        "tin200-e15": (TIN, ["data.classes=200", "data.train_subset=null", "data.val_size=5000", *GPU_NET, "optim.epochs=15"],
+                       {"classes": 200, "epochs": 15, "images": 95000, "methods": "goal"}),
     },
 }
 
-
-CORE = ["independent", "dml", "kdcl", "cd", "cd-ramp", "cd-soft"]
-GOAL = ["independent", "dml", "cd", "cd-ramp"]  # the issue's goal: our variant against independent, DML and the paper's CD
+CORE = ["independent", "dml", "kdcl", "cd", "cd-ramp", "cd-mean"]
+GOAL = ["independent", "dml", "cd", "cd-ramp", "cd-mean", "cd-mean-t4:method.name=cd-mean;perturb.enabled=false;method.temperature=4",
+        "dml-t4:method.name=dml;perturb.enabled=false;method.temperature=4"]  # the issue's goal: our variant against independent, DML and the paper's CD
+# our ideas beyond the presets, each tried where the whole arena runs (the losers are reported too)
+IDEAS = ["cd-mean-t4:method.name=cd-mean;perturb.enabled=false;method.temperature=4",
+         "cd-ramp-t4:method.name=cd;perturb.enabled=false;method.rampup=0.3;method.temperature=4",
+         # the control: is a gain of the τ = 4 variants competition, or only the temperature?
+         "dml-t4:method.name=dml;perturb.enabled=false;method.temperature=4"]
 
 
 def methods(model: str, which: str = "all") -> list[str]:
-    """Every method of the arena (or its core); ONE needs the branched form of the model (shared trunk, two branches)."""
+    """Every method of the arena (or its core); ONE needs the branched form of the model (shared trunk, two branches).
+    The goal's methods come first, so that an interrupted cell has them."""
     if which == "core":
-        return list(CORE)
+        return [*CORE, *IDEAS]
     if which == "goal":
         return list(GOAL)
     return [
-        "independent", "dml", "kdcl", "pcl", "pskd",
+        "independent", "dml", "cd", "cd-mean", "cd-ramp", "kdcl", "pcl",
         f"one:method.name=one;perturb.enabled=false;models=[branched:{model},branched:{model}]",
-        "cd", "cd-code", "cd-noperturb", "cd-ramp", "cd-soft", "cd-mean",
+        "pskd", "cd-code", "cd-noperturb", "cd-soft", *IDEAS,
     ]
 
 
 def run_accuracy(summary: dict, key: str) -> float | None:
     values = [n[key] for n in summary.get("networks", []) if n.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def temporal_means(summary: dict) -> float | None:
+    """Mean test top-1 @ best val of a run's temporal means (PCL, cd-mean: deployable models of their own), or None."""
+    values = [v["test_at_best_val_top1"] for k, v in summary.get("extra", {}).items()
+              if k.startswith("mean") and v.get("test_at_best_val_top1") is not None]
     return sum(values) / len(values) if values else None
 
 
@@ -115,8 +135,8 @@ def write_map(out: Path, cells: dict[str, tuple]) -> str:
             continue
         lines += [f"## {name}: {axis['classes']} classes, {axis['epochs']} epochs", "",
                   "| method | seeds | @ best val | last | train | gap | Δ vs independent (@ best val) | Δ vs DML (@ best val) "
-                  "| Δ vs independent (last) | Δ vs DML (last) | ensemble |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| Δ vs independent (last) | Δ vs DML (last) | ensemble | temporal means |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
         def accuracies(by_seed: dict[int, dict], key: str) -> dict[int, float | None]:
             return {s: run_accuracy(v, key) for s, v in by_seed.items()}
@@ -127,6 +147,7 @@ def write_map(out: Path, cells: dict[str, tuple]) -> str:
             best, last = accuracies(by_seed, "test_at_best_val_top1"), accuracies(by_seed, "last_test_top1")
             train = list(accuracies(by_seed, "last_train_top1").values())
             ens = [v["ensemble"]["test_at_best_val_top1"] for v in by_seed.values() if v.get("ensemble")]
+            means = [m for m in (temporal_means(v) for v in by_seed.values()) if m is not None]
             deltas = {}
             for key, values in (("test_at_best_val_top1", best), ("last_test_top1", last)):
                 base, dml = refs[key]
@@ -144,11 +165,12 @@ def write_map(out: Path, cells: dict[str, tuple]) -> str:
             gap = [t - l for t, l in zip(train, last.values()) if t is not None and l is not None]
             (bi, bd), (li, ld) = deltas["test_at_best_val_top1"], deltas["last_test_top1"]
             lines.append(f"| {label} | {len(by_seed)} | {pm(clean(best.values()))} | {pm(clean(last.values()))} | "
-                         f"{pm(clean(train))} | {pm(gap)} | {cell(bi)} | {cell(bd)} | {cell(li)} | {cell(ld)} | {pm(ens)} |")
+                         f"{pm(clean(train))} | {pm(gap)} | {cell(bi)} | {cell(bd)} | {cell(li)} | {cell(ld)} | {pm(ens)} | {pm(means) if means else ''} |")
             row = {"cell": name, **axis, "method": label, "seeds": len(by_seed),
                    "best_val_mean": mean(clean(best.values())), "best_val_std": sample_std(clean(best.values())),
                    "last_mean": mean(clean(last.values())), "last_std": sample_std(clean(last.values())),
-                   "train_mean": mean(clean(train)), "gap_mean": mean(gap)}
+                   "train_mean": mean(clean(train)), "gap_mean": mean(gap),
+                   "temporal_means_mean": mean(means) if means else None}
             for key, tag in (("test_at_best_val_top1", ""), ("last_test_top1", "_last")):
                 for d, ref in zip(deltas[key], ("independent", "dml")):
                     row.update({f"delta_{ref}{tag}": d.mean if d else None, f"delta_{ref}{tag}_low": d.low if d else None,

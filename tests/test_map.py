@@ -37,6 +37,9 @@ def _write_runs(cell: Path) -> None:
             summary = {"networks": [{"name": f"net{i}", "test_at_best_val_top1": b, "last_test_top1": l,
                                      "last_train_top1": t} for i, (b, l, t) in enumerate(networks)],
                        "ensemble": {"test_at_best_val_top1": 1.0}}
+            if label == "dml":  # temporal means, as PCL and cd-mean report them: their own column
+                summary["extra"] = {"mean0": {"test_at_best_val_top1": 30.0 + seed}, "mean1": {"test_at_best_val_top1": 32.0 + seed},
+                                    "ensemble_gate": {"test_at_best_val_top1": 99.0}}
             (run / "summary.json").write_text(json.dumps(summary))
 
 
@@ -64,6 +67,9 @@ def test_map_reports_paired_differences_at_best_val_and_last_epoch(map_module, t
     assert columns[8].startswith(_paired_text(per_run("dml", 1), per_run("independent", 1)))
     assert columns[8].endswith("*")  # last epoch: +1.67 [+0.23, +3.10], entirely above zero
     assert columns[7] == "" and columns[9] == ""  # no difference of DML to itself
+    assert columns[11] == "32.00 ± 1.00"  # the temporal means' mean (31, 32, 33 over seeds); other extras are not means
+    independent_row = next(line for line in text.splitlines() if line.startswith("| independent |"))
+    assert independent_row.rstrip().endswith("|  |")  # no temporal means: an empty cell
     gaps = [t - l for t, l in zip(per_run("dml", 2), per_run("dml", 1))]
     assert columns[5] == f"{sum(gaps) / 3:.2f} ± {math.sqrt(sum((g - sum(gaps) / 3) ** 2 for g in gaps) / 2):.2f}"
 
@@ -85,3 +91,20 @@ def test_map_panels_follow_the_protocols_that_were_run(map_module):
     assert found == [("epochs", {"data": "T", "classes": 50, "images": 2000}),
                      ("epochs", {"data": "C", "classes": 10, "images": 1000}),
                      ("classes", {"epochs": 4, "images": 2000})]
+
+
+@pytest.mark.parametrize("scale", ["cpu", "gpu"])
+def test_every_cell_of_the_map_makes_a_valid_config_for_each_of_its_methods(map_module, scale, tmp_path):
+    """A typo in a cell's overrides or a method spec fails here, not after an hour of other cells."""
+    from kdarena.experiments.sweep import plan_sweep
+
+    for name, (config, overrides, axis) in map_module.CELLS[scale].items():
+        model = next((o.split("[")[1].split(",")[0] for o in overrides if o.startswith("models=")), "resnet8")
+        chosen = map_module.methods(model, axis.get("methods", "all"))
+        _, plans = plan_sweep(config, ["data.root=unused.tar.gz", *overrides], chosen, "0", tmp_path / name)
+        labels = [plan.label for plan in plans]
+        assert len(labels) == len(set(labels)) == len(chosen), name
+        assert all(plan.config.optim.epochs == axis["epochs"] for plan in plans), name
+        if "images" in axis:  # the axis value the plots use is the training set the overrides make
+            train = plans[0].config.data.train_subset - plans[0].config.data.val_size if plans[0].config.data.train_subset else None
+            assert train in (axis["images"], None), name
