@@ -72,11 +72,16 @@ def test_a_nonfinite_batch_leaves_batchnorm_and_weights_untouched_and_is_counted
 
 @pytest.mark.parametrize("name", ["ind", "dml", "cd", "cd-code", "kd"])
 def test_reading_every_k_steps_gives_the_same_run_bit_for_bit(tmp_path, name):
-    trainer = Trainer(load(None, BASE + CASES[name] + ["train.host_every=3"]), run_dir=tmp_path / name)
-    assert trainer.host_every == 3
-    trainer.fit()
-    got, want = summarize(tmp_path / name, trainer.group.state_dict()), GOLDEN[name]
-    assert got == want
+    """Against a run that reads every step on the same machine (the golden numbers hold bit for bit only on
+    CPUs whose float32 kernels round as the recording machine's; see tests/golden/cases.py)."""
+    runs = {}
+    for k in (1, 3):
+        trainer = Trainer(load(None, BASE + CASES[name] + [f"train.host_every={k}"]), run_dir=tmp_path / f"{name}-k{k}")
+        assert trainer.host_every == k
+        trainer.fit()
+        runs[k] = summarize(tmp_path / f"{name}-k{k}", trainer.group.state_dict())
+    assert runs[3] == runs[1]
+    assert runs[1]["teachers"] == GOLDEN[name]["teachers"]  # and it is the pinned run
 
 
 def test_a_skipped_step_read_late_matches_one_read_at_once(tmp_path):
