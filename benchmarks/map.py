@@ -54,9 +54,9 @@ CELLS = {
         "c10xs-e100": (C10, [*XS, "optim.epochs=100", "train.eval_every=20"],
                        {"classes": 10, "epochs": 100, "images": 500, "methods": "all"}),
         "c10xs-e30": (C10, [*XS, "optim.epochs=30", "train.eval_every=6"],
-                      {"classes": 10, "epochs": 30, "images": 500, "methods": "core"}),
+                      {"classes": 10, "epochs": 30, "images": 500, "methods": "budget"}),
         "c10xs-e10": (C10, [*XS, "optim.epochs=10", "train.eval_every=2"],
-                      {"classes": 10, "epochs": 10, "images": 500, "methods": "core"}),
+                      {"classes": 10, "epochs": 10, "images": 500, "methods": "budget"}),
         "c10-e4": (C10, ["optim.epochs=4", "train.eval_every=2"], {"classes": 10, "epochs": 4, "methods": "core"}),
         "tin200-e4": (TIN, ["data.classes=200", "optim.epochs=4", "train.eval_every=2"], {"classes": 200, "epochs": 4, "methods": "core"}),
     },
@@ -67,31 +67,31 @@ CELLS = {
         "c10m-e90": (C10, [*GPU_SMALL, "optim.epochs=90", "train.eval_every=10"],
                      {"classes": 10, "epochs": 90, "images": 5000, "methods": "goal"}),
         "c10m-e30": (C10, [*GPU_SMALL, "optim.epochs=30", "train.eval_every=5"],
-                     {"classes": 10, "epochs": 30, "images": 5000, "methods": "core"}),
+                     {"classes": 10, "epochs": 30, "images": 5000, "methods": "budget"}),
         "c10m-e10": (C10, [*GPU_SMALL, "optim.epochs=10", "train.eval_every=2"],
-                     {"classes": 10, "epochs": 10, "images": 5000, "methods": "core"}),
+                     {"classes": 10, "epochs": 10, "images": 5000, "methods": "budget"}),
         "tin200-e15": (TIN, ["data.classes=200", "data.train_subset=null", "data.val_size=5000", *GPU_NET, "optim.epochs=15"],
                        {"classes": 200, "epochs": 15, "images": 95000, "methods": "goal"}),
     },
 }
 
-CORE = ["independent", "dml", "kdcl", "cd", "cd-ramp", "cd-mean"]
-GOAL = ["independent", "dml", "cd", "cd-ramp", "cd-mean", "cd-mean-t4:method.name=cd-mean;perturb.enabled=false;method.temperature=4",
-        "dml-t4:method.name=dml;perturb.enabled=false;method.temperature=4"]  # the issue's goal: our variant against independent, DML and the paper's CD
 # our ideas beyond the presets, each tried where the whole arena runs (the losers are reported too)
-IDEAS = ["cd-mean-t4:method.name=cd-mean;perturb.enabled=false;method.temperature=4",
-         "cd-ramp-t4:method.name=cd;perturb.enabled=false;method.rampup=0.3;method.temperature=4",
-         # the control: is a gain of the τ = 4 variants competition, or only the temperature?
-         "dml-t4:method.name=dml;perturb.enabled=false;method.temperature=4"]
+CD_MEAN_T4 = "cd-mean-t4:method.name=cd-mean;perturb.enabled=false;method.temperature=4"
+CD_RAMP_T4 = "cd-ramp-t4:method.name=cd;perturb.enabled=false;method.rampup=0.3;method.temperature=4"
+DML_T4 = "dml-t4:method.name=dml;perturb.enabled=false;method.temperature=4"  # the control: competition, or τ alone?
+IDEAS = [CD_MEAN_T4, CD_RAMP_T4, DML_T4]
+
+CORE = ["independent", "dml", "kdcl", "cd", "cd-ramp", "cd-soft"]  # part one's secondary cells
+BUDGET = ["independent", "dml", "kdcl", "cd", "cd-mean", CD_MEAN_T4]  # the budget axis of the small-data cells
+# the issue's goal: our variants against independent, DML and the paper's CD (and the τ control)
+GOAL = ["independent", "dml", "cd", "cd-ramp", "cd-mean", CD_MEAN_T4, DML_T4]
 
 
 def methods(model: str, which: str = "all") -> list[str]:
     """Every method of the arena (or its core); ONE needs the branched form of the model (shared trunk, two branches).
     The goal's methods come first, so that an interrupted cell has them."""
-    if which == "core":
-        return [*CORE, *IDEAS]
-    if which == "goal":
-        return list(GOAL)
+    if which in ("core", "budget", "goal"):
+        return list({"core": CORE, "budget": BUDGET, "goal": GOAL}[which])
     return [
         "independent", "dml", "cd", "cd-mean", "cd-ramp", "kdcl", "pcl",
         f"one:method.name=one;perturb.enabled=false;models=[branched:{model},branched:{model}]",
