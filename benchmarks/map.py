@@ -207,38 +207,51 @@ def panels(rows: list[dict]) -> list[tuple[str, str, dict]]:
 
 
 def plot_map(rows: list[dict], path: Path) -> None:
-    """Top: test accuracy against epochs (per protocol) and against classes; bottom: the train − test gap (the regime)."""
+    """Per protocol (accuracy against epochs) and per budget (against classes): test accuracy; the paired gain over
+    independent training at the last epoch with its 95 % interval; the train − test gap (the regime)."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
+
+    def number(value) -> bool:
+        return value is not None and not (isinstance(value, float) and math.isnan(value))
 
     methods_in_order = list(dict.fromkeys(r["method"] for r in rows))
     # tab20's dark shades first, then its light ones: eleven methods, eleven colours
     colours = {m: colormaps["tab20"]((2 * i) % 20 + (2 * i) // 20 % 2) for i, m in enumerate(methods_in_order)}
     series = panels(rows) or [("", "epochs", {})]
-    fig = Figure(figsize=(5.4 * len(series), 8.4))
-    axes = fig.subplots(2, len(series), squeeze=False)
+    kinds = (("best_val_mean", "best_val_std", "test top-1 @ best val (%)", "accuracy"),
+             ("delta_independent_last", "delta_independent_last", "Δ vs independent, last epoch (points, 95 % CI)",
+              "paired gain"),
+             ("gap_mean", None, "train − test top-1, last epoch (points)", "generalisation gap"))
+    fig = Figure(figsize=(5.4 * len(series), 12.0))
+    axes = fig.subplots(len(kinds), len(series), squeeze=False)
     spare = None
     for col, (title, axis, fixed) in enumerate(series):
         chosen = [r for r in rows if all(r.get(k) == v for k, v in fixed.items())]
-        for row, (key, err, ylabel) in enumerate((("best_val_mean", "best_val_std", "test top-1 @ best val (%)"),
-                                                  ("gap_mean", None, "train − test top-1, last epoch (points)"))):
+        for row, (key, err, ylabel, kind) in enumerate(kinds):
             ax = axes[row][col]
-            if row == 1 and axis == "classes":
+            if row == len(kinds) - 1 and axis == "classes":
                 ax.axis("off")  # room for the legend
                 spare = ax
                 continue
             for method in methods_in_order:
-                pts = sorted((r[axis], r[key], r[err] if err else 0.0) for r in chosen
-                             if r["method"] == method and not math.isnan(r[key]))
+                pts = sorted((r[axis], r[key], r) for r in chosen if r["method"] == method and number(r[key]))
                 if len(pts) < 2:
                     continue
-                xs, ys, es = zip(*pts)
-                ax.errorbar(xs, ys, yerr=[0 if math.isnan(e) else e for e in es], marker="o", capsize=2, label=method,
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                if err == key:  # an interval [low, high] around the paired mean
+                    yerr = [[y - r[f"{key}_low"] if number(r[f"{key}_low"]) else 0 for _, y, r in pts],
+                            [r[f"{key}_high"] - y if number(r[f"{key}_high"]) else 0 for _, y, r in pts]]
+                else:
+                    yerr = [r[err] if err and number(r[err]) else 0 for _, _, r in pts]
+                ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=2, label=method,
                             color=colours[method], linestyle="--" if method.startswith("cd") else "-")
+            if kind == "paired gain":
+                ax.axhline(0.0, color="black", linewidth=0.8)
             ax.set_xscale("log")
             ax.set_xlabel(axis)
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{'generalisation gap' if row else 'accuracy'} vs {axis}: {title}", fontsize=9)
+            ax.set_title(f"{kind} vs {axis}: {title}", fontsize=9)
             ax.grid(alpha=0.3)
     labelled = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
     if labelled:
