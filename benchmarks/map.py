@@ -96,6 +96,10 @@ def methods(model: str, which: str = "all") -> list[str]:
         "independent", "dml", "cd", "cd-mean", "cd-ramp", "kdcl", "pcl",
         f"one:method.name=one;perturb.enabled=false;models=[branched:{model},branched:{model}]",
         "pskd", "cd-code", "cd-noperturb", "cd-soft", *IDEAS,
+        # competition on the branches of a shared trunk (ONE's structure), with DML on the same branches as control
+        f"cd-mean-t4-branched:method.name=cd-mean;perturb.enabled=false;method.temperature=4;"
+        f"models=[branched:{model},branched:{model}]",
+        f"dml-branched:method.name=dml;perturb.enabled=false;models=[branched:{model},branched:{model}]",
     ]
 
 
