@@ -41,6 +41,15 @@ XS = ["data.train_subset=1000", "data.val_size=500", "train.checkpoint_every=10"
 GPU_NET = ["models=[resnet20,resnet20]", "data.batch_size=128", "optim.lr=0.1", "train.device=cuda", "train.threads=null"]
 GPU_SMALL = ["data.train_subset=6000", "data.val_size=1000", "train.checkpoint_every=10", *GPU_NET]
 
+
+def cifar10_budgets(prefix: str, base: list[str], images: int, budgets: list[tuple[int, int, str]]) -> dict[str, tuple]:
+    """One small-data CIFAR-10 protocol at several budgets: ``{prefix}-e{epochs}`` cells, in the order given,
+    from (epochs, eval_every, method set) each."""
+    return {f"{prefix}-e{epochs}": (C10, [*base, f"optim.epochs={epochs}", f"train.eval_every={every}"],
+                                    {"classes": 10, "epochs": epochs, "images": images, "methods": which})
+            for epochs, every, which in budgets}
+
+
 # cell name -> (config, overrides, axis value for the plots)
 CELLS = {
     "cpu": {  # 2,000 training images (+250 validation) of 50 classes; order = priority
@@ -51,12 +60,7 @@ CELLS = {
         # the longest budget: training accuracy pulls away from test accuracy (the over-fitting end of the axis)
         "tin50-e30": (TIN, ["optim.epochs=30", "train.eval_every=3"], {"classes": 50, "epochs": 30, "methods": "goal"}),
         # small data (500 CIFAR-10 training images + 500 for validation): budgets from under- to over-fitting
-        "c10xs-e100": (C10, [*XS, "optim.epochs=100", "train.eval_every=20"],
-                       {"classes": 10, "epochs": 100, "images": 500, "methods": "all"}),
-        "c10xs-e30": (C10, [*XS, "optim.epochs=30", "train.eval_every=6"],
-                      {"classes": 10, "epochs": 30, "images": 500, "methods": "budget"}),
-        "c10xs-e10": (C10, [*XS, "optim.epochs=10", "train.eval_every=2"],
-                      {"classes": 10, "epochs": 10, "images": 500, "methods": "budget"}),
+        **cifar10_budgets("c10xs", XS, 500, [(100, 20, "all"), (30, 6, "budget"), (10, 2, "budget")]),
         "c10-e4": (C10, ["optim.epochs=4", "train.eval_every=2"], {"classes": 10, "epochs": 4, "methods": "core"}),
         "tin200-e4": (TIN, ["data.classes=200", "optim.epochs=4", "train.eval_every=2"], {"classes": 200, "epochs": 4, "methods": "core"}),
     },
@@ -64,12 +68,7 @@ CELLS = {
         # validation), 10 / 30 / 90 epochs, then Tiny-ImageNet-200 (full training set) for the class axis; sized from the
         # H200 throughput measured earlier (ResNet-32 x 2: ~3,400 img/s per run with five runs at once, ~17,000 in all)
         # for about 12 minutes, the over-fitting end first; the time cap cuts what does not fit, the same command continues
-        "c10m-e90": (C10, [*GPU_SMALL, "optim.epochs=90", "train.eval_every=10"],
-                     {"classes": 10, "epochs": 90, "images": 5000, "methods": "goal"}),
-        "c10m-e30": (C10, [*GPU_SMALL, "optim.epochs=30", "train.eval_every=5"],
-                     {"classes": 10, "epochs": 30, "images": 5000, "methods": "budget"}),
-        "c10m-e10": (C10, [*GPU_SMALL, "optim.epochs=10", "train.eval_every=2"],
-                     {"classes": 10, "epochs": 10, "images": 5000, "methods": "budget"}),
+        **cifar10_budgets("c10m", GPU_SMALL, 5000, [(90, 10, "goal"), (30, 5, "budget"), (10, 2, "budget")]),
         "tin200-e15": (TIN, ["data.classes=200", "data.train_subset=null", "data.val_size=5000", *GPU_NET, "optim.epochs=15"],
                        {"classes": 200, "epochs": 15, "images": 95000, "methods": "goal"}),
     },
