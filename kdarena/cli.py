@@ -14,9 +14,10 @@ from . import __version__
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .engine.checkpoint import CheckpointError
     from .config import ConfigError
+    from .engine.checkpoint import CheckpointError
     from .engine.runlog import RunDirError
+    from .errors import UserError
 
     try:
         from .trainer import NonFiniteLossError
@@ -24,7 +25,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         NonFiniteLossError = ConfigError  # type: ignore[misc,assignment]
 
     # OSError covers missing files, a full disk and permissions; NonFiniteLossError is train.nonfinite=stop
-    return (ConfigError, CheckpointError, RunDirError, NonFiniteLossError, OSError, ValueError, ImportError)
+    return (UserError, ConfigError, CheckpointError, RunDirError, NonFiniteLossError, OSError, ValueError, ImportError)
 
 
 def _one_line(error: BaseException) -> str:

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 FORMAT = 1
 #: what a checkpoint must hold to be resumed (``Trainer.state_dict``) or evaluated
 RESUME_KEYS = ("config", "group", "optimizer", "scheduler", "scaler", "method", "epoch", "batch_in_epoch",
@@ -29,7 +31,7 @@ RESUME_KEYS = ("config", "group", "optimizer", "scheduler", "scaler", "method", 
 EVAL_KEYS = ("config", "group", "epoch")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message says which file and why."""
 
 

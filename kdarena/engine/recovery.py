@@ -6,13 +6,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import UserError
+
 if TYPE_CHECKING:
     from ..trainer import Trainer
 
 log = logging.getLogger("kdarena")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 

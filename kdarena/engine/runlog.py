@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from ..errors import UserError
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no run-directory lock
@@ -16,7 +18,7 @@ except ImportError:  # not POSIX: no run-directory lock
 LOCK_NAME = ".lock"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The run directory cannot be used as asked; the message says why and what to do."""
 
 

@@ -1,0 +1,11 @@
+"""kdarena's own exception for bad input.
+
+The command line prints a :class:`UserError` as one line and exits 2; any other exception is a bug
+of ours and keeps its traceback. Raise a subclass of ``UserError`` (never a bare ``ValueError``) when
+the user's input is at fault, with a message that names the problem and the fix.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input from the user (a config value, a file, an option): one line for the user, exit 2."""
