@@ -1,0 +1,332 @@
+"""The map, part three: a regime users recognise, decided before it runs.
+
+Two phases per cell (benchmarks/map3_protocol.md says why and how; benchmarks/preregistration.md
+fixes phase 2 before it runs):
+
+    python benchmarks/map3.py run --cell c10-5k --phase 1 --cifar10 PATH/cifar10-jpeg.tar.gz --jobs 2 --commit
+    python benchmarks/map3.py select --cell c10-5k      # the written rule, on validation accuracy only
+    python benchmarks/map3.py run --cell c10-5k --phase 2 --cifar10 ... --jobs 2 --commit   # after the pre-registration
+    python benchmarks/map3.py tables                    # rebuild every table from benchmarks/results/map3 alone
+
+``run`` trains with ``kdarena sweep`` into ``--out`` (finished runs are skipped, unfinished ones resumed) and copies
+every finished run's summary into ``benchmarks/results/map3/<cell>/phase<k>/`` as it finishes (``--commit``: one git
+commit per summary), so an interrupted study continues from what is committed. Before the pre-registration exists
+the tables show validation accuracy only: phase 1's test accuracy is stored, never read for a choice.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kdarena.experiments.stats import mean, paired_difference, sample_std  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "map3"
+PREREGISTRATION = ROOT / "benchmarks" / "preregistration.md"
+C10 = ROOT / "configs" / "benchmarks" / "map_cifar10.yaml"
+TIN = ROOT / "configs" / "benchmarks" / "map_tiny_imagenet.yaml"
+PLAIN = ["perturb.enabled=false"]  # every method but the paper's CD trains on the ordinary augmentation
+
+# cell -> (config, archive option, overrides, the network the methods' group is made of)
+CELLS = {
+    # 7,500 random training images: 5,000 to train, 2,500 held out for validation; the full 10,000-image test split
+    "c10-5k": (C10, "cifar10", ["data.train_subset=7500", "data.val_size=2500", "optim.epochs=60",
+                                "train.eval_every=10", "train.checkpoint_every=10"], "resnet8"),
+    # the first 100 classes, 125 random images each: 100 to train, 25 held out; the 5,000 official val images of
+    # those classes are the test split
+    "tin100": (TIN, "tiny_imagenet", ["data.classes=100", "data.train_subset=12500", "data.val_size=2500",
+                                      "optim.epochs=30", "train.eval_every=10", "train.checkpoint_every=10"], "resnet8"),
+}
+
+
+def phase1_methods(model: str) -> tuple[list[str], list[str]]:
+    """(the arena's core and the controls, our candidates): sweep specs, the labels before the colon."""
+    branched = f"models=[branched:{model},branched:{model}]"
+    core = ["independent", "dml", "cd", "cd-code", "kdcl", "pcl", f"one:method.name=one;perturb.enabled=false;{branched}",
+            "dml-t4:method.name=dml;perturb.enabled=false;method.temperature=4",  # control for the temperature
+            f"dml-branched:method.name=dml;perturb.enabled=false;{branched}"]     # control for the shared trunk
+    candidates = ["cd-mean", "cd-mean-t4:method.name=cd-mean;perturb.enabled=false;method.temperature=4",
+                  f"cd-mean-t4-branched:method.name=cd-mean;perturb.enabled=false;method.temperature=4;{branched}"]
+    return core, candidates
+
+
+def label(spec: str) -> str:
+    return spec.split(":", 1)[0]
+
+
+# ----------------------------------------------------------------------------- statistics
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for Student's t with ``df`` degrees of freedom."""
+    if t == 0:
+        return 0.5
+    x = df / (df + t * t)
+    a, b = df / 2.0, 0.5
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    ibeta = front * _betacf(a, b, x) / a if x < (a + 1) / (a + b + 2) else 1.0 - front * _betacf(b, a, 1 - x) / b
+    return 1.0 - 0.5 * ibeta if t >= 0 else 0.5 * ibeta
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t (bisection on :func:`t_cdf`)."""
+    low, high = -1e3, 1e3
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if t_cdf(mid, df) < p else (low, mid)
+    return (low + high) / 2
+
+
+def corrected_interval(a: dict[int, float], b: dict[int, float], comparisons: int) -> dict:
+    """Paired t over matched seeds with a Bonferroni-corrected interval (family-wise 95 % over ``comparisons``)
+    and the Holm-ready two-sided p-value."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    n = len(diffs)
+    if n < 2:
+        return {"n": n, "mean": mean(diffs) if diffs else math.nan, "low": math.nan, "high": math.nan, "p": math.nan}
+    m, se = mean(diffs), sample_std(diffs) / math.sqrt(n)
+    half = t_quantile(1 - 0.05 / (2 * comparisons), n - 1) * se
+    p = 2 * (1 - t_cdf(abs(m) / se, n - 1)) if se > 0 else (0.0 if m else 1.0)
+    return {"n": n, "mean": m, "low": m - half, "high": m + half, "p": p}
+
+
+def holm(pvalues: list[float]) -> list[bool]:
+    """Holm's step-down procedure at family-wise 5 %: which hypotheses are rejected."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    rejected, k = [False] * len(pvalues), len(pvalues)
+    for rank, i in enumerate(order):
+        if not pvalues[i] <= 0.05 / (k - rank):
+            break
+        rejected[i] = True
+    return rejected
+
+
+# ----------------------------------------------------------------------------- committed summaries
+def network_mean(summary: dict, key: str) -> float | None:
+    values = [n.get(key) for n in summary.get("networks", [])]
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def load_results(cell: str, phase: int) -> dict[str, dict[int, dict]]:
+    """label -> seed -> committed summary of one phase of one cell."""
+    found: dict[str, dict[int, dict]] = {}
+    for path in sorted((RESULTS / cell / f"phase{phase}").glob("*-seed*.json")):
+        name, seed = path.stem.rsplit("-seed", 1)
+        found.setdefault(name, {})[int(seed)] = json.loads(path.read_text())
+    return found
+
+
+def collect(exp_dir: Path, cell: str, phase: int, commit: bool) -> list[Path]:
+    """Copy every finished run's summary (and its sweep wall time, evaluation included) into the results."""
+    dest = RESULTS / cell / f"phase{phase}"
+    dest.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    if (exp_dir / "sweep.json").is_file():
+        for r in json.loads((exp_dir / "sweep.json").read_text()).get("runs", []):
+            seconds[f"{r.get('label')}-seed{r.get('seed')}"] = r.get("seconds")
+    new = []
+    for path in sorted(exp_dir.glob("*-seed*/summary.json")):
+        target = dest / f"{path.parent.name}.json"
+        if target.is_file():
+            continue
+        summary = json.loads(path.read_text())
+        summary.pop("run_dir", None)
+        summary["sweep_seconds"] = seconds.get(path.parent.name)
+        target.write_text(json.dumps(summary, indent=1) + "\n")
+        new.append(target)
+        if commit:
+            rel = target.relative_to(ROOT)
+            subprocess.run(["git", "-C", str(ROOT), "add", str(rel)], check=False)
+            subprocess.run(["git", "-C", str(ROOT), "commit", "-q", "-m",
+                            f"map3 {cell} phase {phase}: {path.parent.name} finished", "--", str(rel)], check=False)
+    return new
+
+
+# ----------------------------------------------------------------------------- the pre-registration
+def preregistered() -> dict | None:
+    """The machine-readable block of benchmarks/preregistration.md (None before it is written)."""
+    if not PREREGISTRATION.is_file():
+        return None
+    block = re.search(r"```json\n(.*?)\n```", PREREGISTRATION.read_text(), re.S)
+    return json.loads(block.group(1)) if block else None
+
+
+def select(cell: str) -> tuple[str | None, list[tuple[str, float, int]]]:
+    """The written rule (benchmarks/map3_protocol.md): among the candidates, the highest mean over seeds 0-2 of the
+    last-epoch validation top-1 (mean over the group's networks); a tie within 0.10 points goes to the one listed
+    first. Reads validation accuracy only."""
+    _, candidates = phase1_methods(CELLS[cell][3])
+    runs = load_results(cell, 1)
+    scores = []
+    for spec in candidates:
+        values = [network_mean(runs.get(label(spec), {}).get(s, {}), "last_val_top1") for s in (0, 1, 2)]
+        values = [v for v in values if v is not None]
+        scores.append((label(spec), mean(values) if len(values) == 3 else math.nan, len(values)))
+    complete = [s for s in scores if s[2] == 3]
+    if len(complete) < len(candidates):
+        return None, scores
+    best = max(s[1] for s in complete)
+    return next(name for name, score, _ in complete if score >= best - 0.10), scores
+
+
+# ----------------------------------------------------------------------------- tables
+def pm(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{mean(values):.2f} ± {sample_std(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def phase1_table(cell: str, show_test: bool) -> list[str]:
+    runs = load_results(cell, 1)
+    if not runs:
+        return []
+    core, candidates = phase1_methods(CELLS[cell][3])
+    names = [label(s) for s in core + candidates]
+    head = "| method | ours? | seeds | last val | best val | last train | minutes a run |"
+    lines = [f"### {cell}, phase 1 (exploration, seeds 0-2)", "", head + (" last test | test @ best val |" if show_test else ""),
+             "|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if show_test else "")]
+    for name in [n for n in names if n in runs] + sorted(set(runs) - set(names)):
+        by_seed = runs[name]
+        minutes = [s["sweep_seconds"] / 60 for s in by_seed.values() if s.get("sweep_seconds")]
+        row = (f"| {name} | {'candidate' if name in [label(c) for c in candidates] else ''} | {len(by_seed)} | "
+               f"{pm([network_mean(s, 'last_val_top1') for s in by_seed.values()])} | "
+               f"{pm([network_mean(s, 'best_val_top1') for s in by_seed.values()])} | "
+               f"{pm([network_mean(s, 'last_train_top1') for s in by_seed.values()])} | {pm(minutes)} |")
+        if show_test:
+            row += (f" {pm([network_mean(s, 'last_test_top1') for s in by_seed.values()])} |"
+                    f" {pm([network_mean(s, 'test_at_best_val_top1') for s in by_seed.values()])} |")
+        lines.append(row)
+    chosen, scores = select(cell)
+    lines += ["", "Selection (validation only): " + ", ".join(f"{n} {s:.2f} ({k} seeds)" for n, s, k in scores)
+              + (f" -> **{chosen}**" if chosen else " -> not decided yet (needs seeds 0-2 of every candidate)"), ""]
+    return lines
+
+
+def phase2_table(cell: str, plan: dict) -> list[str]:
+    runs = load_results(cell, 2)
+    if not runs:
+        return []
+    comparisons = plan["comparisons"]
+    lines = [f"### {cell}, phase 2 (confirmatory, seeds {plan['seeds'][0]}-{plan['seeds'][-1]})", "",
+             "| method | seeds | last test | test @ best val | last train | train − test |", "|---|---:|---:|---:|---:|---:|"]
+    last = {name: {s: network_mean(v, "last_test_top1") for s, v in by_seed.items()} for name, by_seed in runs.items()}
+    for name, by_seed in runs.items():
+        train = [network_mean(s, "last_train_top1") for s in by_seed.values()]
+        lines.append(f"| {name} | {len(by_seed)} | {pm(list(last[name].values()))} | "
+                     f"{pm([network_mean(s, 'test_at_best_val_top1') for s in by_seed.values()])} | {pm(train)} | "
+                     f"{pm([t - l for t, l in zip(train, last[name].values()) if t is not None and l is not None])} |")
+    tests = [corrected_interval(last.get(a, {}), last.get(b, {}), len(comparisons)) for a, b in comparisons]
+    verdicts = holm([t["p"] if not math.isnan(t["p"]) else 1.0 for t in tests])
+    lines += ["", f"Paired differences, last-epoch test top-1 (mean over networks), Bonferroni-corrected "
+              f"{100 - 5 / len(comparisons):.2f} % intervals (family-wise 95 % over {len(comparisons)} comparisons), "
+              "Holm at 5 %:", "", "| comparison | seeds | difference | interval | width | p | Holm |", "|---|---:|---:|---:|---:|---:|---|"]
+    for (a, b), t, rejected in zip(comparisons, tests, verdicts):
+        lines.append(f"| {a} − {b} | {t['n']} | {t['mean']:+.2f} | [{t['low']:+.2f}, {t['high']:+.2f}] | "
+                     f"{t['high'] - t['low']:.2f} | {t['p']:.4f} | {'significant' if rejected else 'n.s.'} |")
+    return lines + [""]
+
+
+def tables() -> str:
+    plan = preregistered()
+    lines = ["# The map, part three: tables (rebuilt from benchmarks/results/map3 by benchmarks/map3.py tables)", ""]
+    for cell in CELLS:
+        lines += phase1_table(cell, show_test=plan is not None)
+        if plan and cell in plan.get("cells", {}):
+            lines += phase2_table(cell, plan["cells"][cell])
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "tables.md").parent.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "tables.md").write_text(text)
+    return text
+
+
+# ----------------------------------------------------------------------------- running
+def run(cell: str, phase: int, archive: str, out: Path, jobs: int, commit: bool, seeds: str | None) -> None:
+    from kdarena.experiments.sweep import run_sweep
+
+    config, _, overrides, model = CELLS[cell]
+    if phase == 1:
+        core, candidates = phase1_methods(model)
+        specs, seed_text = core + candidates, seeds or "0,1,2"
+    else:
+        plan = preregistered()
+        if plan is None or cell not in plan.get("cells", {}):
+            sys.exit(f"phase 2 of {cell} is not pre-registered: commit {PREREGISTRATION.relative_to(ROOT)} first")
+        specs = plan["cells"][cell]["methods"]
+        seed_text = seeds or ",".join(str(s) for s in plan["cells"][cell]["seeds"])
+    exp_dir = out / cell / f"phase{phase}"
+    done = threading.Event()
+
+    def watch() -> None:  # commit each summary as its run finishes, not when the whole sweep does
+        while not done.wait(30):
+            collect(exp_dir, cell, phase, commit)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        run_sweep(config, [f"data.root={archive}", *overrides], specs, seed_text, exp_dir, jobs=jobs)
+    finally:
+        done.set()
+        watcher.join()
+        collect(exp_dir, cell, phase, commit)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--cell", choices=sorted(CELLS), required=True)
+    r.add_argument("--phase", type=int, choices=[1, 2], required=True)
+    r.add_argument("--cifar10", help="cifar10-jpeg.tar.gz (or a folder of train/ test/ class folders)")
+    r.add_argument("--tiny-imagenet", help="tiny-imagenet-32.tar.gz")
+    r.add_argument("--out", default="runs/map3")
+    r.add_argument("--jobs", type=int, default=2)
+    r.add_argument("--seeds", default=None, help="a subset of the phase's seeds (default: all of them)")
+    r.add_argument("--commit", action="store_true", help="git-commit each finished run's summary")
+    s = sub.add_parser("select")
+    s.add_argument("--cell", choices=sorted(CELLS), required=True)
+    sub.add_parser("tables")
+    args = p.parse_args()
+    if args.command == "run":
+        archive = getattr(args, CELLS[args.cell][1])
+        if not archive:
+            sys.exit(f"--{CELLS[args.cell][1].replace('_', '-')} PATH is needed for {args.cell}")
+        run(args.cell, args.phase, archive, Path(args.out), args.jobs, args.commit, args.seeds)
+        print(tables())
+    elif args.command == "select":
+        chosen, scores = select(args.cell)
+        for name, score, k in scores:
+            print(f"{name}: last-epoch validation top-1 {score:.2f} over {k} seeds")
+        print(f"chosen: {chosen}" if chosen else "not decided: seeds 0-2 of every candidate are needed")
+    else:
+        print(tables())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""benchmarks/map3.py: the pre-registered study's statistics, its selection rule (validation only), and tables
+rebuilt from committed summaries alone."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from kdarena.experiments.stats import t975
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def map3(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("kdarena_map3_benchmark", ROOT / "benchmarks" / "map3.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(module, "PREREGISTRATION", tmp_path / "preregistration.md")
+    return module
+
+
+def _summary(val: float, test: float, train: float = 99.0) -> dict:
+    nets = [{"name": f"net{i}", "last_val_top1": val + d, "best_val_top1": val + d + 1, "last_test_top1": test + d,
+             "test_at_best_val_top1": test + d, "last_train_top1": train} for i, d in enumerate((-0.5, 0.5))]
+    return {"networks": nets, "run_dir": "/somewhere/else", "wall_seconds": 60.0}
+
+
+def _write(map3, cell: str, phase: int, label: str, seed: int, summary: dict) -> None:
+    path = map3.RESULTS / cell / f"phase{phase}" / f"{label}-seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary))
+
+
+def test_t_quantiles_match_the_table(map3):
+    for df in range(1, 31):
+        assert map3.t_quantile(0.975, df) == pytest.approx(t975(df), abs=2e-4)
+    assert map3.t_cdf(0.0, 5) == 0.5
+    # Bonferroni over 3 comparisons, 9 degrees of freedom: t_{1 - 0.05/6, 9} = 2.9333 (tables)
+    assert map3.t_quantile(1 - 0.05 / 6, 9) == pytest.approx(2.9333, abs=1e-3)
+
+
+def test_holm_steps_down_and_stops_at_the_first_failure(map3):
+    assert map3.holm([0.01, 0.04, 0.03]) == [True, False, False]  # 0.03 > 0.05/2 stops it
+    assert map3.holm([0.01, 0.02, 0.03]) == [True, True, True]
+    assert map3.holm([0.2, 0.001]) == [False, True]
+
+
+def test_corrected_interval_is_wider_than_the_plain_one_and_centred(map3):
+    a = {s: 70.0 + 0.3 * s for s in range(10)}
+    b = {s: 69.0 + 0.25 * s + (0.4 if s % 2 else -0.4) for s in range(10)}
+    one = map3.corrected_interval(a, b, 1)
+    three = map3.corrected_interval(a, b, 3)
+    diffs = [a[s] - b[s] for s in range(10)]
+    m = sum(diffs) / 10
+    sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / 9)
+    assert one["mean"] == pytest.approx(m) and three["mean"] == pytest.approx(m)
+    assert one["high"] - one["mean"] == pytest.approx(t975(9) * sd / math.sqrt(10), rel=1e-4)
+    assert three["high"] - three["low"] > one["high"] - one["low"]
+    assert 0 <= three["p"] <= 1 and three["p"] == one["p"]
+
+
+def test_selection_reads_validation_only_and_breaks_ties_by_the_listed_order(map3):
+    cell = "c10-5k"
+    _, candidates = map3.phase1_methods("resnet8")
+    names = [map3.label(c) for c in candidates]
+    # the last candidate is best on test, the second on validation; the first is within 0.1 of the second
+    for seed in (0, 1, 2):
+        _write(map3, cell, 1, names[0], seed, _summary(val=60.95, test=60.0))
+        _write(map3, cell, 1, names[1], seed, _summary(val=61.0, test=59.0))
+        _write(map3, cell, 1, names[2], seed, _summary(val=50.0, test=80.0))
+    chosen, scores = map3.select(cell)
+    assert chosen == names[0]
+    assert [s[2] for s in scores] == [3, 3, 3]
+    _write(map3, cell, 1, names[0], 0, _summary(val=59.0, test=99.0))  # now 0.68 behind: the second wins
+    assert map3.select(cell)[0] == names[1]
+
+
+def test_selection_waits_for_every_candidate(map3):
+    _, candidates = map3.phase1_methods("resnet8")
+    _write(map3, "c10-5k", 1, map3.label(candidates[0]), 0, _summary(val=61.0, test=59.0))
+    assert map3.select("c10-5k")[0] is None
+
+
+def test_tables_hide_phase1_test_until_the_preregistration_exists(map3):
+    for seed in (0, 1, 2):
+        _write(map3, "c10-5k", 1, "independent", seed, _summary(val=60.0, test=12.34))
+    text = map3.tables()
+    assert "12.34" not in text and "last test" not in text
+    assert "60.00 ± 0.00" in text
+    plan = {"cells": {"c10-5k": {"methods": ["independent", "dml"], "seeds": [10, 11, 12],
+                                 "comparisons": [["dml", "independent"]]}}}
+    map3.PREREGISTRATION.write_text("# plan\n\n```json\n" + json.dumps(plan) + "\n```\n")
+    for seed in (10, 11, 12):
+        _write(map3, "c10-5k", 2, "independent", seed, _summary(val=60.0, test=60.0 + seed / 10))
+        _write(map3, "c10-5k", 2, "dml", seed, _summary(val=60.0, test=61.0 + seed / 10 + (0.1 if seed == 11 else 0)))
+    text = map3.tables()
+    assert "12.34" in text  # exploratory test accuracy, shown once the plan is fixed
+    assert "| dml − independent | 3 | +1.03 |" in text
+    assert (map3.RESULTS / "tables.md").read_text() == text
+
+
+def test_collect_copies_each_finished_summary_once_with_its_sweep_time(map3, tmp_path):
+    exp = tmp_path / "runs" / "c10-5k" / "phase1"
+    (exp / "dml-seed0").mkdir(parents=True)
+    (exp / "dml-seed1").mkdir(parents=True)  # unfinished: no summary
+    (exp / "dml-seed0" / "summary.json").write_text(json.dumps(_summary(61.0, 60.0)))
+    (exp / "sweep.json").write_text(json.dumps({"runs": [{"label": "dml", "seed": 0, "seconds": 420.0}]}))
+    new = map3.collect(exp, "c10-5k", 1, commit=False)
+    assert [p.name for p in new] == ["dml-seed0.json"]
+    stored = json.loads(new[0].read_text())
+    assert stored["sweep_seconds"] == 420.0 and "run_dir" not in stored
+    assert map3.collect(exp, "c10-5k", 1, commit=False) == []
