@@ -4,8 +4,10 @@ Every image is converted to RGB (or L), resized so its shorter side is ``size`` 
 to ``size x size``.  Downscaling uses Pillow's BOX filter (the area average, as in
 Downsampled-ImageNet), so 64 -> 32 averages 2x2 blocks exactly; upscaling (rare) uses BICUBIC.
 
-Decompression bombs: a file that claims more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is
-refused from its header, before any pixel is decoded (Pillow itself only refuses above twice that).
+Decompression bombs: a file whose header claims more than :data:`MAX_PIXELS` pixels (kdarena's
+limit, Pillow's default) is refused from its header, before any pixel is decoded (Pillow itself only
+refuses above twice its own limit, and warns below).  A folder's file is opened with
+:func:`kdarena.data.walk.open_regular` (never a FIFO or device) and Pillow reads only what it needs.
 """
 from __future__ import annotations
 
@@ -13,56 +15,77 @@ import contextlib
 import io
 import multiprocessing as mp
 import os
+import re
 import sys
 import warnings
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 
+from .walk import open_regular
+
 _CHUNK = 512  # images per task: large enough to amortise the pickling, small enough for a smooth bar
+#: kdarena's pixel limit (width x height) for one image: Pillow's default ``MAX_IMAGE_PIXELS``.
+MAX_PIXELS = 89_478_485
+_STREAM_REPR = re.compile(r"<_io\.\w+(?: name=[^>]*)?(?: object at 0x[0-9a-fA-F]+)?>")
+_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
 
 
 class DecodeError(ValueError):
     """One image could not be decoded; the message says why."""
 
 
+def _reason(e: BaseException) -> str:
+    """Why Pillow failed, without the ``<_io.BytesIO object at 0x...>`` it puts in its messages."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image Pillow can read (unknown format or damaged header)"
+    if isinstance(e, Image.DecompressionBombError):  # over twice Pillow's limit: refused in Image.open
+        found = _BOMB_SIZE.search(str(e))
+        claims = f"{int(found.group(1)):,} pixels" if found else "more pixels than Pillow allows"
+        return f"claims {claims}, over kdarena's limit of {MAX_PIXELS:,} pixels (a decompression bomb?); remove it"
+    return f"{type(e).__name__}: {_STREAM_REPR.sub('the file', str(e))}"
+
+
 @contextlib.contextmanager
-def _no_bomb_warning(Image):
-    # decode_bytes checks the size against the limit Pillow only warns about, and refuses
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        yield
+def open_image(data: bytes | BinaryIO) -> Iterator:
+    """A Pillow image of ``data`` (bytes or an open binary file), refused past :data:`MAX_PIXELS`.
 
-
-def image_header(data: bytes) -> tuple[int, int]:
-    """``(width, height)`` from the header alone."""
+    Every failure, also inside the ``with`` block, is a :class:`DecodeError` saying why.
+    """
     from PIL import Image
 
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
-        with _no_bomb_warning(Image), Image.open(io.BytesIO(data)) as img:
-            return img.size
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
-        raise DecodeError(f"{type(e).__name__}: {e}") from e
+        with warnings.catch_warnings():  # the size is checked here; Pillow's warning would only repeat it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(stream) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise DecodeError(f"claims {w}x{h} = {w * h:,} pixels, over kdarena's limit of {MAX_PIXELS:,} "
+                                      "pixels (a decompression bomb?); remove it or shrink it")
+                yield img
+    except DecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError, SyntaxError, DecompressionBombError, ...
+        raise DecodeError(_reason(e)) from e
 
 
-def decode_bytes(data: bytes, size: int, channels: int = 3) -> np.ndarray:
+def image_header(data: bytes | BinaryIO) -> tuple[int, int]:
+    """``(width, height)`` from the header alone."""
+    with open_image(data) as img:
+        return img.size
+
+
+def decode_bytes(data: bytes | BinaryIO, size: int, channels: int = 3) -> np.ndarray:
     """Decode ``data`` into a ``(size, size, channels)`` uint8 array (see the module docstring)."""
     from PIL import Image
 
     mode = "RGB" if channels == 3 else "L"
-    try:
-        with _no_bomb_warning(Image), Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit and w * h > limit:
-                raise DecodeError(
-                    f"claims {w}x{h} pixels, over PIL.Image.MAX_IMAGE_PIXELS={limit} (a decompression bomb?)"
-                )
-            img = img.convert(mode)
-    except DecodeError:
-        raise
-    except Exception as e:  # noqa: BLE001 - OSError, SyntaxError, DecompressionBombError, ...
-        raise DecodeError(f"{type(e).__name__}: {e}") from e
+    with open_image(data) as img:
+        w, h = img.size
+        img = img.convert(mode)
     if w < 1 or h < 1:
         raise DecodeError(f"empty image ({w}x{h})")
     if (w, h) != (size, size):
@@ -77,18 +100,33 @@ def decode_bytes(data: bytes, size: int, channels: int = 3) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+def decode_item(item: bytes | str, size: int, channels: int = 3) -> np.ndarray:
+    """:func:`decode_bytes` of bytes, or of a file path opened with :func:`open_regular`."""
+    if isinstance(item, str):
+        with open_regular(item) as f:
+            return decode_bytes(f, size, channels)
+    return decode_bytes(item, size, channels)
+
+
+def item_header(item: bytes | str) -> tuple[int, int]:
+    """:func:`image_header` of bytes or of a file path (only the header is read)."""
+    if isinstance(item, str):
+        with open_regular(item) as f:
+            return image_header(f)
+    return image_header(item)
+
+
 def _decode_chunk(task: tuple) -> tuple[int, np.ndarray, list[tuple[int, str]]]:
     start, items, size, channels = task
     out = np.zeros((len(items), channels, size, size), dtype=np.uint8)
     errors: list[tuple[int, str]] = []
     for k, item in enumerate(items):
         try:
-            if isinstance(item, str):  # a file path: read in the worker
-                with open(item, "rb") as f:
-                    item = f.read()
-            out[k] = decode_bytes(item, size, channels).transpose(2, 0, 1)
-        except (DecodeError, OSError) as e:
+            out[k] = decode_item(item, size, channels).transpose(2, 0, 1)  # a path is opened in the worker
+        except DecodeError as e:
             errors.append((start + k, str(e)))
+        except OSError as e:
+            errors.append((start + k, f"{e.strerror or e}"))
     return start, out, errors
 
 

@@ -16,15 +16,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .decode import DecodeError, open_image
+from .errors import BadImageError, DataNotFoundError, ImageDataError
+from .walk import open_regular, scan_folder, skipped_note, walk_order
+
 IMG_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm",
 )
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class BadImageError(ValueError):
-    """An image file that Pillow cannot decode; the message names the file."""
 
 
 def _pil():
@@ -36,16 +36,20 @@ def _pil():
 
 
 def decode_image(path: str, image_size: int, channels: int = 3) -> torch.Tensor:
-    """Decode ``path`` into a uint8 (C, image_size, image_size) tensor (resize shorter side + centre crop)."""
+    """Decode ``path`` into a uint8 (C, image_size, image_size) tensor (resize shorter side + centre crop).
+
+    The file is opened only if it is a regular file (:func:`~kdarena.data.walk.open_regular`), and an
+    image claiming more than :data:`~kdarena.data.decode.MAX_PIXELS` is refused from its header.
+    """
     Image = _pil()
     mode = "RGB" if channels == 3 else "L"
-    with Image.open(path) as img:
+    with open_regular(path) as f, open_image(f) as img:
         if img.format == "JPEG":
             img.draft(mode, (image_size, image_size))  # DCT-domain downscale, never below the size
         img = img.convert(mode)
     w, h = img.size
     if w < 1 or h < 1:
-        raise ValueError(f"empty image ({w}x{h})")
+        raise DecodeError(f"empty image ({w}x{h})")
     s = image_size / min(w, h)
     nw, nh = max(image_size, round(w * s)), max(image_size, round(h * s))
     if (nw, nh) != (w, h):
@@ -64,7 +68,9 @@ class ImageFolder(Dataset):
 
     Classes are the sorted sub-directory names of ``root`` (or ``classes`` when given, e.g. the
     training classes for a validation folder; then missing class directories are allowed).  Files
-    are found recursively and kept if their extension is in ``extensions`` (case-insensitive).
+    are found recursively and kept if their extension is in ``extensions`` (case-insensitive); the
+    folder is walked by :func:`~kdarena.data.walk.scan_folder` (regular files inside ``root``, links
+    to folders never followed; what is left out is named in one warning).
 
     An unreadable image raises :class:`BadImageError` naming the file, or, with
     ``skip_bad=True``, is reported once with a warning and replaced by the next readable sample.
@@ -84,9 +90,9 @@ class ImageFolder(Dataset):
         extensions: Sequence[str] = IMG_EXTENSIONS,
     ) -> None:
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
-        if not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+            raise ImageDataError(f"channels must be 1 or 3, got {channels}")
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+            raise ImageDataError(f"image size must be a positive number of pixels (e.g. 32 or 224), got {image_size!r}")
         self.root = os.path.abspath(os.path.expanduser(root))
         self.image_size = image_size
         self.channels = channels
@@ -94,13 +100,14 @@ class ImageFolder(Dataset):
         self.extensions = tuple(e.lower() for e in extensions)
         self.name = os.path.basename(self.root.rstrip(os.sep)) or self.root
         if not os.path.isdir(self.root):
-            raise FileNotFoundError(f"image folder {self.root} does not exist or is not a directory")
-        found = sorted(
-            e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(".")
-        )
+            raise DataNotFoundError(f"image folder {self.root} does not exist or is not a directory")
+        scan = scan_folder(self.root, self._wanted)
+        if scan.skipped:
+            warnings.warn(skipped_note(self.root, scan.skipped), stacklevel=2)
+        found = sorted(d for d in scan.dirs if "/" not in d)
         if classes is None:
             if not found:
-                raise ValueError(
+                raise ImageDataError(
                     f"image folder {self.root} has no class sub-directories (expected root/CLASS/image.jpg)"
                 )
             self.classes = found
@@ -108,33 +115,30 @@ class ImageFolder(Dataset):
             self.classes = [str(c) for c in classes]
             extra = sorted(set(found) - set(self.classes))
             if extra:
-                raise ValueError(f"image folder {self.root}: class directories {extra} are not among the known classes")
+                raise ImageDataError(f"image folder {self.root}: class directories {extra} are not among the known classes")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        by_class: dict[str, list[str]] = {c: [] for c in self.classes}
+        for rel in sorted(scan.files, key=walk_order):
+            top, sep, _ = rel.partition("/")
+            if sep and top in by_class:
+                by_class[top].append(os.path.join(self.root, *rel.split("/")))
+        self._open = {os.path.join(self.root, *rel.split("/")): f.path for rel, f in scan.files.items()}
         self.samples: list[tuple[str, int]] = []
-        empty = []
+        empty = [c for c in self.classes if not by_class[c]] if classes is None else []
         for c in self.classes:
-            d = os.path.join(self.root, c)
-            files = self._scan(d) if os.path.isdir(d) else []
-            if not files and classes is None:
-                empty.append(c)
-            self.samples.extend((f, self.class_to_idx[c]) for f in files)
+            self.samples.extend((f, self.class_to_idx[c]) for f in by_class[c])
         if empty:
-            raise ValueError(
+            raise ImageDataError(
                 f"image folder {self.root}: no images with extensions {', '.join(self.extensions)} "
                 f"in class directories {empty[:10]}{' ...' if len(empty) > 10 else ''}"
             )
         if not self.samples:
-            raise ValueError(f"image folder {self.root} contains no images")
+            raise ImageDataError(f"image folder {self.root} contains no images")
         self._bad: set[int] = set()
 
-    def _scan(self, d: str) -> list[str]:
-        out = []
-        for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
-            dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
-            for f in sorted(filenames):
-                if not f.startswith(".") and f.lower().endswith(self.extensions):
-                    out.append(os.path.join(dirpath, f))
-        return out
+    def _wanted(self, rel: str) -> bool:
+        base = rel.rsplit("/", 1)[-1]
+        return not base.startswith(".") and base.lower().endswith(self.extensions)
 
     @property
     def num_classes(self) -> int:
@@ -163,9 +167,11 @@ class ImageFolder(Dataset):
         """Decode sample ``index``; raises :class:`BadImageError` naming the file on failure."""
         path = self.samples[index][0]
         try:
-            return decode_image(path, self.image_size, self.channels)
-        except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-            raise BadImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+            return decode_image(self._open.get(path, path), self.image_size, self.channels)
+        except DecodeError as e:
+            raise BadImageError(f"cannot read image {path}: {e}") from e
+        except OSError as e:  # gone, or swapped for a FIFO / link since the walk
+            raise BadImageError(f"cannot read image {path}: {e.strerror or e}") from e
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         n = len(self.samples)

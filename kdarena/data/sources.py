@@ -1,40 +1,65 @@
 """Image data sets as folders or archives (``.tar``, ``.tar.gz``/``.tgz``, ``.zip``) of image files.
 
-A source is scanned into relative POSIX paths (``train/cat/0001.jpg``); :func:`parse_layout` turns
-them into classes and labelled file lists.  Layouts understood (a single top-level folder inside
-an archive or folder, like ``cifar10-jpeg/``, is stepped into automatically):
-
-* ``train/CLASS/**/*.jpg`` plus ``val/CLASS/...`` or ``test/CLASS/...`` (``val`` wins when both
-  exist; it is the test set, the validation split is held out of ``train``);
-* Tiny-ImageNet as downloaded: ``train/WNID/images/*.JPEG``, ``val/images/*.JPEG`` labelled by
-  ``val/val_annotations.txt``; its unlabelled ``test/`` is ignored because ``val`` exists;
-* ``wnids.txt`` at the top fixes the class order (else classes are sorted names); ``words.txt``
-  gives readable class names (only for display).
+A source is scanned into relative POSIX paths (``train/cat/0001.jpg``); :func:`parse_layout`
+(:mod:`kdarena.data.layout`) turns them into classes and labelled file lists.
 
 Trust: archives are read member by member, never extracted.  A member whose path is absolute or
-climbs out with ``..`` is refused (it would be mislabelled at best); links and devices are
-ignored; files without an image extension (``*_boxes.txt``, ``.DS_Store``) are skipped.
+climbs out with ``..`` is refused (it would be mislabelled at best); ``./a/0.png`` and
+``a\\0.png`` (written so by some zip tools) are read as ``a/0.png``; links, devices and FIFOs are
+skipped (tar and zip alike) and listed in one warning; files without an image extension
+(``*_boxes.txt``, ``.DS_Store``) are skipped.  Folders are walked by :mod:`kdarena.data.walk`
+(regular files inside the data root only, no loops).
+
+Memory, one budget for every kind (``max_bytes``, from ``data.cache_max_gb``): what a source holds
+in memory at once.  A tar (read in one sequential pass: gzip cannot seek) and a zip hold the bytes
+of their image and index files; their total is checked against the budget from the member headers
+(the tar header, the zip central directory) *before* a member is read, so a 1 GiB member of zeros
+named ``.jpg`` costs nothing but the refusal.  A zip member is never read beyond the size its
+directory states (:mod:`zipfile` stops there and checks the CRC).  A folder holds nothing: its images
+are opened one at a time by the decoder, which reads only what Pillow needs; its index files
+(``wnids.txt``...) are read whole and charged to the budget.
 """
 from __future__ import annotations
 
 import os
 import posixpath
+import stat
 import tarfile
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 
+from .errors import DataNotFoundError, ImageDataError
 from .imagefolder import IMG_EXTENSIONS
+from .layout import Layout, parse_layout
+from .walk import FileEntry, read_regular, scan_folder, skipped_note
+
+__all__ = ["ARCHIVE_SUFFIXES", "ImageDataError", "Layout", "Source", "is_archive", "open_source", "parse_layout"]
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 _TEXT_FILES = ("wnids.txt", "words.txt", "val_annotations.txt")
-
-
-class ImageDataError(ValueError):
-    """A problem with an image folder or archive; the message is one line naming it and the fix."""
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError, ValueError)
 
 
 def is_archive(path: str) -> bool:
     return os.path.isfile(path) and path.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+class _Budget:
+    """Bytes a source may hold in memory; refuses (one line) before the member that would exceed it."""
+
+    def __init__(self, path: str, max_bytes: float) -> None:
+        self.path, self.max_bytes, self.used = path, max_bytes, 0
+
+    def take(self, name: str, size: int) -> None:
+        self.used += size
+        if self.used > self.max_bytes:
+            raise ImageDataError(
+                f"{self.path}: image files exceed the memory budget of data.cache_max_gb={self.max_bytes / 1e9:g} GB "
+                f"at {name} ({size} bytes); extract the archive and point data.root at the folder (it is then "
+                "streamed), or raise data.cache_max_gb"
+            )
 
 
 @dataclass
@@ -45,7 +70,12 @@ class Source:
     kind: str  # "folder", "tar" or "zip"
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     dirs: set[str] = field(default_factory=set)
-    _blobs: dict[str, bytes] = field(default_factory=dict, repr=False)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why it was not read)
+    held_bytes: int = 0  # bytes this source holds (a tar) or will hold when read (a zip)
+    files: dict[str, FileEntry] = field(default_factory=dict, repr=False)  # a folder's files
+    _blobs: dict[str, bytes] = field(default_factory=dict, repr=False)  # a tar's members
+    _members: dict[str, zipfile.ZipInfo] = field(default_factory=dict, repr=False)  # a zip's members
+    _max_bytes: float = float("inf")
 
     def describe(self, rel: str) -> str:
         """How a file is named in messages: a path, or ``archive:member``."""
@@ -54,20 +84,37 @@ class Source:
         return f"{self.path}:{rel}"
 
     def read(self, rel: str) -> bytes:
-        if self.kind == "folder":
-            with open(self.describe(rel), "rb") as f:
-                return f.read()
-        if self.kind == "tar":
-            return self._blobs[rel]
-        with zipfile.ZipFile(self.path) as z:
-            return z.read(rel)
+        return self.read_many([rel])[0]
 
     def read_many(self, rels: list[str]) -> list[bytes]:
         """Bytes of ``rels`` (a zip is opened once; a tar was read in one pass by :func:`open_source`)."""
-        if self.kind == "zip":
+        if self.kind == "tar":
+            return [self._blobs[r] for r in rels]
+        if self.kind == "folder":
+            budget = _Budget(self.path, self._max_bytes)
+            out = []
+            for r in rels:
+                budget.take(self.describe(r), self.files[r].size)
+                try:
+                    out.append(read_regular(self.files[r].path, self.files[r].size))
+                except OSError as e:
+                    raise ImageDataError(f"cannot read {self.describe(r)}: {e}; fix or remove it") from e
+            return out
+        out, rel = [], ""
+        try:
             with zipfile.ZipFile(self.path) as z:
-                return [z.read(r) for r in rels]
-        return [self.read(r) for r in rels]
+                for rel in rels:
+                    out.append(z.read(self._members[rel]))
+        except _READ_ERRORS as e:
+            raise ImageDataError(f"{self.describe(rel)}: corrupt zip member ({type(e).__name__}: {e}); "
+                                 "download or rebuild the archive") from e
+        return out
+
+    def items(self, rels: list[str]) -> list[bytes | str]:
+        """What the decoder reads: a folder's file paths (opened one at a time), an archive's bytes."""
+        if self.kind == "folder":
+            return [self.files[r].path for r in rels]
+        return list(self.read_many(rels))
 
     def read_text(self, rel: str) -> str:
         return self.read(rel).decode("utf-8", "replace")
@@ -90,34 +137,44 @@ def _wanted(rel: str) -> bool:
 
 
 def open_source(path: str, max_bytes: float = float("inf")) -> Source:
-    """Scan a folder or archive.  A tar is read in one sequential pass (gzip cannot seek), keeping
-    the bytes of image and index files; more than ``max_bytes`` of them is an error."""
+    """Scan a folder or archive, holding at most ``max_bytes`` (see the module docstring)."""
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):
-        src = Source(path, "folder")
-        for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            reldir = os.path.relpath(dirpath, path).replace(os.sep, "/")
-            reldir = "" if reldir == "." else reldir
-            for d in dirnames:
-                src.dirs.add(posixpath.join(reldir, d))
-            for f in filenames:
-                rel = posixpath.join(reldir, f)
-                if _wanted(rel):
-                    st = os.stat(os.path.join(dirpath, f))
-                    src.sizes[rel] = (st.st_size, st.st_mtime_ns)
-        return src
-    if not os.path.isfile(path):
-        raise ImageDataError(f"data root {path} does not exist; give a folder or a .tar/.tar.gz/.zip of one")
-    if path.lower().endswith(".zip"):
-        return _open_zip(path)
-    if path.lower().endswith((".tar", ".tar.gz", ".tgz")):
-        return _open_tar(path, max_bytes)
-    raise ImageDataError(f"data root {path} is a file but not a .tar, .tar.gz, .tgz or .zip archive")
+        src = _open_folder(path, max_bytes)
+    elif not os.path.exists(path):
+        raise DataNotFoundError(f"data root {path} does not exist; give a folder or a .tar/.tar.gz/.zip of one")
+    elif not os.path.isfile(path):
+        raise ImageDataError(f"data root {path} is not a regular file or folder (a FIFO, device or socket); "
+                             "give a folder or a .tar/.tar.gz/.zip of one")
+    elif path.lower().endswith(".zip"):
+        src = _open_zip(path, max_bytes)
+    elif path.lower().endswith((".tar", ".tar.gz", ".tgz")):
+        src = _open_tar(path, max_bytes)
+    else:
+        raise ImageDataError(f"data root {path} is a file but not a .tar, .tar.gz, .tgz or .zip archive")
+    if src.skipped:
+        warnings.warn(skipped_note(path, src.skipped), stacklevel=2)
+    return src
 
 
-def _open_zip(path: str) -> Source:
+def _open_folder(path: str, max_bytes: float) -> Source:
+    scan = scan_folder(path, _wanted)
+    src = Source(path, "folder", dirs=scan.dirs, skipped=scan.skipped, files=scan.files, _max_bytes=max_bytes)
+    src.sizes = {rel: (f.size, f.mtime_ns) for rel, f in scan.files.items()}
+    return src
+
+
+def _zip_kind(info: zipfile.ZipInfo) -> str:
+    """'' for a file, else why a member is not read (links and devices, from its Unix mode)."""
+    mode = info.external_attr >> 16
+    if info.create_system != 3 or not mode or stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return "encrypted (kdarena reads unencrypted archives)" if info.flag_bits & 0x1 else ""
+    return "a link" if stat.S_ISLNK(mode) else "not a regular file (a FIFO, device or socket)"
+
+
+def _open_zip(path: str, max_bytes: float) -> Source:
     src = Source(path, "zip")
+    budget = _Budget(path, max_bytes)
     try:
         with zipfile.ZipFile(path) as z:
             for info in z.infolist():
@@ -126,16 +183,25 @@ def _open_zip(path: str) -> Source:
                     continue
                 if info.is_dir():
                     src.dirs.add(rel)
-                elif _wanted(rel):
-                    src.sizes[rel] = (info.file_size, 0)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+                    continue
+                if not _wanted(rel):
+                    continue
+                why = _zip_kind(info)
+                if why:
+                    src.skipped.append((rel, why))
+                    continue
+                budget.take(f"member {info.filename}", info.file_size)
+                src.sizes[rel] = (info.file_size, 0)
+                src._members[rel] = info
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
         raise ImageDataError(f"{path}: corrupt or truncated zip archive ({e}); download it again") from e
+    src.held_bytes = budget.used
     return src
 
 
 def _open_tar(path: str, max_bytes: float) -> Source:
     src = Source(path, "tar")
-    total = 0
+    budget = _Budget(path, max_bytes)
     try:
         with tarfile.open(path, "r:*") as tar:
             for m in tar:
@@ -145,129 +211,16 @@ def _open_tar(path: str, max_bytes: float) -> Source:
                 if m.isdir():
                     src.dirs.add(rel)
                     continue
-                if not m.isfile() or not _wanted(rel):
-                    continue  # links, devices and non-image files are never read
-                total += m.size
-                if total > max_bytes:
-                    raise ImageDataError(
-                        f"{path}: image files exceed the memory budget ({max_bytes / 1e9:.1f} GB); extract the "
-                        "archive and point data.root at the folder (it is then streamed), or raise data.cache_max_gb"
-                    )
+                if not _wanted(rel):
+                    continue
+                if not m.isfile():  # links and devices are never read
+                    src.skipped.append((rel, "a link" if m.issym() or m.islnk() else "not a regular file"))
+                    continue
+                budget.take(f"member {m.name}", m.size)
                 f = tar.extractfile(m)
                 src._blobs[rel] = f.read() if f is not None else b""
                 src.sizes[rel] = (m.size, 0)
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise ImageDataError(f"{path}: corrupt or truncated tar archive ({e}); download it again") from e
+    src.held_bytes = budget.used
     return src
-
-
-@dataclass
-class Layout:
-    """Classes and labelled files of a source, ``prefix`` (the stepped-into top folder) removed."""
-
-    classes: list[str]
-    class_names: list[str]
-    train: list[tuple[str, int]]
-    test: list[tuple[str, int]]
-    test_split: str
-    prefix: str
-    skipped: list[str]
-
-
-def _top_prefix(src: Source) -> str:
-    """Folders to step into: while everything sits in one folder that is not a split folder."""
-    names = list(src.sizes) + list(src.dirs)
-    prefix = ""
-    while True:
-        rest = [n[len(prefix):] for n in names if n.startswith(prefix) and n[len(prefix):]]
-        firsts = {r.split("/", 1)[0] for r in rest}
-        if len(firsts) != 1:
-            return prefix
-        only = firsts.pop()
-        if only in ("train", "val", "test") or not any(r.startswith(only + "/") for r in rest):
-            return prefix
-        prefix += only + "/"
-
-
-def _is_image(rel: str) -> bool:
-    return rel.lower().endswith(IMG_EXTENSIONS)
-
-
-def parse_layout(src: Source) -> Layout:
-    """Classes and (file, label) lists of the train and test splits (see the module docstring)."""
-    prefix = _top_prefix(src)
-    files = {r[len(prefix):]: r for r in src.sizes if r.startswith(prefix)}
-    dirs = {d[len(prefix):] for d in src.dirs if d.startswith(prefix)}
-    has = lambda split: any(f.startswith(split + "/") for f in files) or split in dirs  # noqa: E731
-    test_split = next((s for s in ("val", "test") if has(s)), None)
-    if not has("train") or test_split is None:
-        found = sorted({f.split("/", 1)[0] for f in files} | {d.split("/", 1)[0] for d in dirs})[:8]
-        raise ImageDataError(
-            f"{src.path}: expected train/ and val/ (or test/) folders of class folders{' under ' + prefix if prefix else ''}, "
-            f"found {found}; arrange the images as train/CLASS/*.jpg and val/CLASS/*.jpg"
-        )
-    skipped: list[str] = []
-
-    def split_files(split: str) -> dict[str, list[str]]:
-        by_class: dict[str, list[str]] = {}
-        for d in dirs:  # class folders, also empty ones
-            parts = d.split("/")
-            if len(parts) == 2 and parts[0] == split:
-                by_class.setdefault(parts[1], [])
-        ann = f"{split}/val_annotations.txt"
-        labels: dict[str, str] = {}
-        if ann in files:  # Tiny-ImageNet's val: images/NAME.JPEG with a label table
-            for line in src.read_text(files[ann]).splitlines():
-                cols = line.split("\t")
-                if len(cols) >= 2 and cols[0].strip():
-                    labels[cols[0].strip()] = cols[1].strip()
-        for f in sorted(files):
-            parts = f.split("/")
-            if parts[0] != split or not _is_image(f):
-                continue
-            if labels and len(parts) == 3 and parts[1] == "images":
-                if parts[2] not in labels:
-                    skipped.append(files[f])
-                    continue
-                by_class.setdefault(labels[parts[2]], []).append(files[f])
-            elif len(parts) >= 3:
-                by_class.setdefault(parts[1], []).append(files[f])
-            else:
-                skipped.append(files[f])  # an image outside any class folder
-        if labels:
-            by_class.pop("images", None)  # the folder of the annotated images, not a class
-        return by_class
-
-    train, test = split_files("train"), split_files(test_split)
-    if "wnids.txt" in files:
-        classes = [w.strip() for w in src.read_text(files["wnids.txt"]).splitlines() if w.strip()]
-        extra = sorted(set(train) - set(classes))
-        if extra:
-            raise ImageDataError(
-                f"{src.path}: train/ has class folders {extra[:5]} that wnids.txt does not list; fix wnids.txt or remove them"
-            )
-    else:
-        classes = sorted(train)
-    empty = [c for c in classes if not train.get(c)]
-    if empty:
-        raise ImageDataError(
-            f"{src.path}: class {empty[0]!r} has no training images in train/{empty[0]}/ ({len(empty)} such class(es)); "
-            "add images or remove the class"
-        )
-    unknown = sorted(set(test) - set(classes))
-    missing = sorted(c for c in classes if not test.get(c))
-    if unknown or missing:
-        what = f"has classes {unknown[:5]} that train/ lacks" if unknown else f"lacks classes {missing[:5]} that train/ has"
-        raise ImageDataError(
-            f"{src.path}: {test_split}/ {what}; train/ and {test_split}/ must hold the same class folders"
-        )
-    names = list(classes)
-    if "words.txt" in files:
-        words = {}
-        for line in src.read_text(files["words.txt"]).splitlines():
-            key, _, value = line.partition("\t")
-            words[key.strip()] = value.split(",")[0].strip()
-        names = [words.get(c) or c for c in classes]
-    index = {c: i for i, c in enumerate(classes)}
-    flat = lambda by: [(f, index[c]) for c in classes for f in by.get(c, [])]  # noqa: E731
-    return Layout(classes, names, flat(train), flat(test), test_split, prefix, skipped)
