@@ -13,7 +13,7 @@ class GroupOutput:
     logits: list[Tensor]
     features: list[Tensor] | None
     #: what a model offers beyond logits and features (e.g. a branched model's gate: ``{"gate": (N, m)}``);
-    #: the trainer passes it on as ``StepInput.extras``
+    #: the trainer passes it on as ``StepInput.extras``; ``"heads"``: per network, its heads' outputs (``models.heads``)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -29,6 +29,22 @@ def _resolve_feature_layer(network: nn.Module, name: str | None) -> str | None:
             f"valid names include {sorted(k for k in modules if k)[:12]}"
         )
     return name
+
+
+def take_head_outputs(networks: Sequence[nn.Module]) -> list[dict[str, Any]] | None:
+    """Each network's head outputs of the forward just run (``models.heads``), or None when no network has heads."""
+    sets = [getattr(net, "aux_heads", None) for net in networks]
+    if all(heads is None for heads in sets):
+        return None
+    return [heads.take() if heads is not None else {} for heads in sets]
+
+
+def clear_head_outputs(networks: Sequence[nn.Module]) -> None:
+    """Drop what a forward outside the group (e.g. a clean-batch CE) left in the heads."""
+    for net in networks:
+        heads = getattr(net, "aux_heads", None)
+        if heads is not None:
+            heads.clear()
 
 
 def _make_adapter(student: torch.Size, teacher: torch.Size) -> nn.Module:
@@ -106,12 +122,14 @@ class Group(nn.Module):
         if len(inputs) != len(nets):
             raise ValueError(f"got {len(inputs)} inputs for {len(nets)} networks")
         self._captured = {}
+        clear_head_outputs(self.networks)
         logits = [net(inp) for net, inp in zip(nets, inputs)]
         features = None
         if self.collect_features:
             features = [self._captured[i] for i in range(len(nets))]
             self._captured = {}
-        return GroupOutput(logits, features)
+        heads = take_head_outputs(self.networks)
+        return GroupOutput(logits, features, {"heads": heads} if heads is not None else {})
 
     @torch.no_grad()
     def build_adapters(self, example: Tensor) -> None:

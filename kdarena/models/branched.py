@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..group import Group, GroupOutput
+from ..group import Group, GroupOutput, clear_head_outputs, take_head_outputs
 from .registry import GlobalAvgPool, register
 from .resnet_cifar import CifarResNet
 from .wrn import WideResNet
@@ -210,6 +210,7 @@ class BranchedGroup(Group):
         if len(inputs) != m:
             raise ValueError(f"got {len(inputs)} inputs for {m} branches")
         self._captured = {}
+        clear_head_outputs(self.networks)
         trunk_out: dict[int, Tensor] = {}  # id(input) -> trunk features: identical input objects share one pass
         logits = []
         for view, inp in zip(self.networks, inputs):
@@ -222,6 +223,8 @@ class BranchedGroup(Group):
             self._captured = {}
         # the gate looks at the trunk features of branch 0's input (the only input when nothing is perturbed)
         extras = {"gate": self.gate(trunk_out[id(inputs[0])])} if self.gate is not None else {}
+        if (heads := take_head_outputs(self.networks)) is not None:
+            extras["heads"] = heads
         return GroupOutput(logits, features, extras)
 
     def shared_parameters(self) -> list[nn.Parameter]:

@@ -11,7 +11,8 @@ blocks each. As in RepDistiller they use *option B* shortcuts (1x1 conv + BatchN
 shape changes, including the stem-to-first-stage 32->64 widening), so their parameter counts
 match the published ones (resnet8x4 ~1.23M, resnet32x4 ~7.43M).
 
-Feature layer: ``pool`` (the globally pooled, flattened output of the last stage).
+Feature layer: ``pool`` (the globally pooled, flattened output of the last stage). Stage layers
+(where early exits attach, :mod:`kdarena.models.heads`): ``layer1``, ``layer2``, ``layer3``.
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ class CifarResNet(nn.Module):
         self.pool = GlobalAvgPool()
         self.fc = nn.Linear(in_planes, num_classes)
         self.feature_layer = "pool"
+        self.stage_layers = ("layer1", "layer2", "layer3")
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:

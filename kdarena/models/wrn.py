@@ -72,6 +72,7 @@ class WideResNet(nn.Module):
         self.pool = GlobalAvgPool()
         self.fc = nn.Linear(in_planes, num_classes)
         self.feature_layer = "pool"
+        self.stage_layers = ("block1", "block2", "block3")  # where early exits attach (models.heads)
         init_weights(self)
         nn.init.zeros_(self.fc.bias)
 
