@@ -12,7 +12,8 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from .config_errors import ConfigError, _FormattedError, _KeyValueError, format_error
+from .config_errors import _FormattedError, _KeyValueError, format_error
+from .errors import ConfigError
 from .methods import registry as method_registry
 from .methods.base import MethodParams
 
@@ -197,11 +198,11 @@ class Config(_Section):
             return raw
         if not isinstance(raw, dict):
             raise ValueError(f"must be a mapping such as {{name: cd, alpha: 1.0}}, got {type(raw).__name__}")
-        name = raw.get("name", "cd")
+        name = raw.get("name", method_registry.DEFAULT)
         if name not in method_registry.names():
             registered = ", ".join(repr(m) for m in method_registry.names())
             raise _KeyValueError("method.name", name, f"unknown method; registered: {registered} (see `kdarena methods`); "
-                                 "e.g. the default method.name=cd")
+                                 f"e.g. the default method.name={method_registry.DEFAULT}")
         fields = method_registry.get(name).Params.model_fields  # MethodParams is not a _Section: same bool check here
         for key, value in raw.items():
             field = fields.get(key) if isinstance(key, str) else None
@@ -215,9 +216,9 @@ class Config(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
         n = len(self.models)
-        method = method_registry.get(self.method.name)
-        if n < method.min_networks:
-            raise _KeyValueError("models", self.models, f"method {self.method.name} needs at least {method.min_networks} networks, "
+        needs = method_registry.build(self.method).needs
+        if n < needs.min_networks:
+            raise _KeyValueError("models", self.models, f"method {self.method.name} needs at least {needs.min_networks} networks, "
                                  f"got {n}; list more models or use method.name=independent")
         try:
             self.method.check(n)
@@ -228,7 +229,7 @@ class Config(_Section):
             raise _KeyValueError("data.val_size", self.data.val_size, "a fraction must be in (0, 1); use an integer for a count")
         from .models.branched import check_models  # branched:<model> entries, and methods that need them (ONE)
 
-        if problem := check_models(self.models, method.branched, self.method.name, self.train.fused, self.train.compile):
+        if problem := check_models(self.models, needs.branched, self.method.name, self.train.fused, self.train.compile):
             raise _KeyValueError("models", self.models, problem)
         return self
 
@@ -341,7 +342,7 @@ def _switch_method(section: dict[str, Any], name: Any) -> None:
     they apply" (dml keeps alpha and temperature, independent keeps nothing), while an option of
     another method written by hand (in YAML or a later override) is still an error.
     """
-    old = section.get("name", "cd")
+    old = section.get("name", method_registry.DEFAULT)
     if name == old or not isinstance(name, str) or name not in method_registry.names():
         return
     accepted = method_registry.get(name).Params.model_fields

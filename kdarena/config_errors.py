@@ -9,13 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import UserError
 from .methods import registry as method_registry
 from .methods.base import MethodParams
-
-
-class ConfigError(UserError, ValueError):
-    """A bad configuration value; the message is one line meant for the user."""
 
 
 class _KeyValueError(ValueError):

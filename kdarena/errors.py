@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input from the user (a config value, a file, an option): one line for the user, exit 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad configuration value; the message is one line meant for the user (the key, the value, the fix)."""

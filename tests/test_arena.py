@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from kdarena.methods import KDCL, MethodContext, PeerCollaborativeLearning, ProgressiveSelfKD, StepInput
-from kdarena.methods.pcl import ema_decay_at, sigmoid_rampup
+from kdarena.losses import sigmoid_rampup
+from kdarena.methods.temporal import ema_decay_at
 from reference import ce64
 from reference_arena import kdcl64, pcl64, pskd64
 

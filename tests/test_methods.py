@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kdarena import CompetitiveDistillation, DeepMutualLearning, Group, Independent, KnowledgeDistillation, MixedTarget
-from kdarena.methods import select_teacher
+from kdarena.losses import select_teacher
 from reference import ce64, kl64
 
 

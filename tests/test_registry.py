@@ -11,7 +11,7 @@ from kdarena.config import ConfigError, load
 from kdarena.experiments.report import write_report
 from kdarena.experiments.sweep import presets, run_sweep
 from kdarena.methods import GroupLosses, GroupMethod, MethodParams, Needs, StepInput, register_method, registry
-from kdarena.methods.common import per_network_ce
+from kdarena.losses import per_network_ce
 
 
 @register_method("toy-ensemble")
@@ -20,28 +20,20 @@ class ToyEnsemble(GroupMethod):
 
     label = "toy: pull every network towards the group's mean probabilities"
     paper = "a test method"
-    min_networks = 2
     presets = {"toy-ensemble": ["method.name=toy-ensemble", "perturb.enabled=false"]}
     calls: list[int] = []
 
     class Params(MethodParams):
         weight: float = Field(0.5, ge=0)
 
-    def __init__(self, weight: float = 0.5):
-        self.weight = weight
-
-    @property
-    def needs(self) -> Needs:
-        return Needs(min_networks=2, perturbation=False)
+    needs = Needs(min_networks=2, perturbation=False)
 
     def losses(self, step: StepInput) -> GroupLosses:
         ToyEnsemble.calls.append(step.step)
         ce = torch.stack(per_network_ce(step.logits, step.targets))
         probs = torch.stack([z.float().softmax(1) for z in step.logits])
         pull = ((probs - probs.mean(0, keepdim=True).detach()) ** 2).sum(2).mean(1)
-        totals = ce + self.weight * pull
-        terms = {f"ce_{i}": ce[i].detach() for i in range(len(step.logits))}
-        return GroupLosses(list(totals.unbind(0)), totals.sum(), ce.detach(), torch.tensor(-1), terms)
+        return GroupLosses.of(ce + self.params.weight * pull, ce)
 
 
 TINY = {

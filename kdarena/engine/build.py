@@ -20,6 +20,7 @@ from ..group import Group
 from ..methods import GroupMethod, MethodContext, Needs, registry
 from ..perturb import MutationTracker, PerturbationScheduler, resolve_ops
 from ..rng import stream_seed
+from .checkpoint import load_network_state
 from .compiled import CompiledRunner, compile_mode
 from .distributed import DistInfo
 from .evaluate import resolve_precision
@@ -155,12 +156,10 @@ def build_parts(config: Config, device: torch.device, info: DistInfo | None = No
         data, group = build_data_and_group(config, device, info, needs)
     if config.train.sync_batchnorm and info.enabled:
         group = nn.SyncBatchNorm.convert_sync_batchnorm(group)
-    try:
-        method.setup(MethodContext(data.num_classes, data.in_channels, device, list(group.networks),
-                                   train_size=len(data.train.dataset) if hasattr(data.train, "dataset") else 0,
-                                   precision=resolve_precision(config.train.precision, device)))
-    except (ValueError, OSError) as error:
-        raise ConfigError(str(error)) from None
+    method.setup(MethodContext(data.num_classes, data.in_channels, device, list(group.networks),
+                               train_size=len(data.train.dataset) if hasattr(data.train, "dataset") else 0,
+                               precision=resolve_precision(config.train.precision, device),
+                               load_network_state=load_network_state))
     optimizer = build_optimizer(config, group)
     steps_per_epoch = len(data.train)
     if steps_per_epoch == 0:

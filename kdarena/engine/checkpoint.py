@@ -221,13 +221,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def load_network_state(path: Path, index: int, key: str = "method.teacher_checkpoint") -> dict[str, torch.Tensor]:
     """One network's weights from a kdarena checkpoint (network ``index``) or a plain state_dict file."""
     if not path.is_file():
-        raise ValueError(f"{key}={str(path)!r} does not exist")
+        raise CheckpointError(f"{key}={str(path)!r} does not exist; give the path of a kdarena checkpoint or a state_dict file")
     state = _safe_load(path, "cpu")
     if isinstance(state, dict) and isinstance(state.get("group"), dict):
         prefix = f"networks.{index}."
         state = {k[len(prefix):]: v for k, v in state["group"].items() if k.startswith(prefix)}
         if not state:
-            raise ValueError(f"method.teacher_index={index} is not a network of {path}")
+            raise CheckpointError(f"method.teacher_index={index} is not a network of {path}")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{key}={str(path)!r} is neither a kdarena checkpoint nor a state_dict of tensors")
+        raise CheckpointError(f"{key}={str(path)!r} is neither a kdarena checkpoint nor a state_dict of tensors")
     return state

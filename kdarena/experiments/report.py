@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from pydantic import ValidationError
+
 from ..config import flatten, marked_keys
+from ..errors import UserError
 from .stats import Paired, mean, paired_difference, pooled_std, sample_std  # noqa: F401  (re-exported)
 from ..methods import registry as method_registry
 
@@ -147,8 +150,12 @@ def _network_rows(runs: list[Run]) -> list[tuple[str, int | None]]:
 def _settings(run: Run) -> str:
     c = run.config
     m, p = c.get("method") or {}, c.get("perturb") or {}
-    method = method_registry.method_of(c)
-    text = method.describe(m, p) if method is not None else str(m.get("name", "?"))
+    text = str(m.get("name", "?"))
+    if method_registry.method_of(c) is not None:
+        try:
+            text = method_registry.build(method_registry.params_for(m)).describe(p)
+        except (ValidationError, UserError):  # options this version no longer knows: the name alone
+            pass
     if (p.get("parameters") or {}).get("enabled"):
         text += ", weight mutation"
     return text

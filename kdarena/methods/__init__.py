@@ -1,28 +1,41 @@
 """Group training methods, one class per method, found by name through the registry.
 
-Built in: ``independent``, ``dml`` (Deep Mutual Learning), ``cd`` (competitive distillation,
-the paper's and the authors' code's rules) and ``kd`` (offline KD). A new method is one
-``@register_method("name")`` class with a ``Params`` model and a ``losses(step)`` method.
+A method is one ``@register_method("name")`` class in its own file with a ``Params`` model (its
+options, stated once) and a ``losses(step)`` method; it takes its maths from :mod:`kdarena.losses`
+and its types from :mod:`kdarena.methods.base`. A built-in method is also imported here and placed in
+:data:`BUILT_IN`, which orders ``kdarena methods``, sweep presets and report rows.
 """
 from __future__ import annotations
 
 from . import registry
-from .base import GroupLosses, GroupMethod, MethodContext, MethodParams, Needs, StepInput
-from .common import pairwise_feature_l2, pairwise_kl, per_network_ce, select_teacher
+from .base import GroupLosses, GroupMethod, MethodContext, MethodParams, Needs, StepInput, freeze
+from .cd import CompetitiveDistillation
+from .cd_mean import CompetitiveMeanTeachers
+from .dml import DeepMutualLearning
+from .independent import Independent
+from .kd import KnowledgeDistillation
+from .kdcl import KDCL
+from .one import OnTheFlyNativeEnsemble
+from .pcl import PeerCollaborativeLearning
+from .pskd import ProgressiveSelfKD
 from .registry import register_method
 
-# Registration order is the order of `kdarena methods`, sweep presets and report rows: baselines first.
-from .independent import Independent  # noqa: E402,I001
-from .dml import DeepMutualLearning  # noqa: E402
-from .cd import CompetitiveDistillation  # noqa: E402
-from .cd_mean import CompetitiveMeanTeachers  # noqa: E402
-from .kd import KnowledgeDistillation, freeze  # noqa: E402
-from .kdcl import KDCL  # noqa: E402
-from .pcl import PeerCollaborativeLearning  # noqa: E402
-from .pskd import ProgressiveSelfKD  # noqa: E402
-from .one import OnTheFlyNativeEnsemble  # noqa: E402
+#: the built-in methods in the order of `kdarena methods`, sweep presets and report rows: baselines first
+BUILT_IN: tuple[type[GroupMethod], ...] = (
+    Independent,
+    DeepMutualLearning,
+    CompetitiveDistillation,
+    CompetitiveMeanTeachers,
+    KnowledgeDistillation,
+    KDCL,
+    PeerCollaborativeLearning,
+    ProgressiveSelfKD,
+    OnTheFlyNativeEnsemble,
+)
+registry.set_order([method.name for method in BUILT_IN])
 
 __all__ = [
+    "BUILT_IN",
     "CompetitiveDistillation",
     "CompetitiveMeanTeachers",
     "DeepMutualLearning",
@@ -39,10 +52,6 @@ __all__ = [
     "ProgressiveSelfKD",
     "StepInput",
     "freeze",
-    "pairwise_feature_l2",
-    "pairwise_kl",
-    "per_network_ce",
     "register_method",
     "registry",
-    "select_teacher",
 ]

@@ -14,21 +14,21 @@ The contract between the trainer and a method, in three small types:
 
 Methods are registered by name (:mod:`kdarena.methods.registry`); each owns a pydantic
 ``Params`` model, so ``method: {name: cd, rule: best}`` in YAML is validated by the method
-it belongs to.
+it belongs to, and the method is built from that validated object (``self.params``): an option
+is stated once, in its ``Params`` field. The maths methods share lives in :mod:`kdarena.losses`.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, ContextManager, Sequence
+from pathlib import Path
+from typing import Any, Callable, ClassVar, ContextManager, Mapping, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from ..losses import Target
-
-Adapter = Callable[[int, int, Tensor], Tensor]
+from ..losses import Adapter, Target
 
 
 class MethodParams(BaseModel):
@@ -39,6 +39,14 @@ class MethodParams(BaseModel):
 
     def check(self, num_networks: int) -> None:
         """Cross-field checks that need the rest of the config; raise ``ValueError(key, message)``."""
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Put a teacher network (or a temporal mean) in eval mode with every parameter frozen."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,9 @@ class MethodContext:
     networks: Sequence[nn.Module] = ()
     train_size: int = 0
     precision: str = "fp32"
+    #: reads network ``index``'s weights from a checkpoint file without running code; ``key`` names the
+    #: option in messages (the engine passes its safe loader: methods do not import the engine)
+    load_network_state: Callable[[Path, int, str], dict[str, Tensor]] | None = None
 
 
 @dataclass
@@ -133,6 +144,27 @@ class GroupLosses:
     terms: dict[str, Tensor] = field(default_factory=dict)
     weights: Tensor | None = None  # W[i, j]: how much student i learnt from network j
 
+    @classmethod
+    def of(cls, totals: Tensor, ce: Tensor, teacher_index: Tensor | None = None, weights: Tensor | None = None,
+           per_network: Sequence[Tensor] | None = None, extra: Mapping[str, Tensor] | None = None,
+           **series: Tensor) -> "GroupLosses":
+        """The usual result: ``totals`` (n,) the loss of each network, ``ce`` (n,) their cross-entropies.
+
+        Logged terms: ``ce_i`` and, for every keyword ``name=tensor (n,)``, ``name_i`` (detached), then the
+        scalars of ``extra``. ``teacher_index`` None: no teacher (-1). ``per_network`` replaces
+        ``totals.unbind(0)`` when the method holds the individual losses already.
+        """
+        n = ce.shape[0]
+        ce_detached = ce.detach()
+        terms = {f"ce_{i}": ce_detached[i] for i in range(n)}
+        for name, values in series.items():
+            terms.update({f"{name}_{i}": values[i].detach() for i in range(n)})
+        terms.update({k: v.detach() for k, v in (extra or {}).items()})
+        if teacher_index is None:
+            teacher_index = torch.tensor(-1, device=ce.device)
+        losses = list(per_network) if per_network is not None else list(totals.unbind(0))
+        return cls(losses, totals.sum(), ce_detached, teacher_index, terms, weights)
+
     @property
     def teacher(self) -> int | None:
         """The teacher's index, or None. Reading it synchronises with the device."""
@@ -143,9 +175,13 @@ class GroupLosses:
 class GroupMethod:
     """Base class of every method. Subclasses set ``Params`` and implement :meth:`losses`.
 
+    A method is built from its validated ``Params`` (``Method(params)``; in the Python API also
+    ``Method(alpha=0.5, ...)``, validated the same way) and reads its options from ``self.params``.
+
     Class attributes shown by ``kdarena methods`` and used by sweeps and reports:
     ``name`` (set by the registry), ``label`` (one line), ``paper`` (citation),
-    ``presets`` (sweep labels -> overrides), ``has_teacher`` (reports show teacher shares).
+    ``presets`` (sweep labels -> overrides), ``has_teacher`` (reports show teacher shares);
+    ``needs`` (what the trainer must provide; a property where it depends on the options).
     """
 
     name: ClassVar[str] = "method"
@@ -154,23 +190,20 @@ class GroupMethod:
     Params: ClassVar[type[MethodParams]] = MethodParams
     presets: ClassVar[dict[str, list[str]]] = {}
     has_teacher: ClassVar[bool] = False
-    min_networks: ClassVar[int] = 1
-    #: needs a branched group (``Needs.branched``); the config refuses models that are not one
-    branched: ClassVar[bool] = False
+    needs: Needs = Needs()
 
-    @classmethod
-    def from_params(cls, params: MethodParams) -> "GroupMethod":
-        """Build from the validated config section (default: every field but ``name`` is a keyword)."""
-        return cls(**params.model_dump(exclude={"name"}))
+    def __init__(self, params: MethodParams | None = None, **options: Any):
+        if params is None:
+            params = self.Params(**options)
+        elif options:
+            raise TypeError(f"{type(self).__name__} takes its Params or keyword options, not both")
+        elif not isinstance(params, self.Params):
+            raise TypeError(f"{type(self).__name__} needs a {self.Params.__name__}, got {type(params).__name__}")
+        self.params = params
 
-    @classmethod
-    def describe(cls, params: dict[str, Any], perturb: dict[str, Any]) -> str:
-        """A short human description of these settings (report tables)."""
-        return cls.name
-
-    @property
-    def needs(self) -> Needs:
-        return Needs(min_networks=self.min_networks)
+    def describe(self, perturb: Mapping[str, Any] | None = None) -> str:
+        """A short human description of these settings (report tables); ``perturb``: the run's perturb section."""
+        return self.name
 
     def setup(self, context: MethodContext) -> None:
         """Called once the group exists and before the optimizer is built (e.g. build a frozen teacher)."""

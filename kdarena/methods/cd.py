@@ -8,12 +8,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from ..losses import select_teacher, sigmoid_rampup
 from .base import StepInput
-from .common import Distiller, DistillerParams, select_teacher, sigmoid_rampup
+from .distiller import Distiller, DistillerParams
 from .registry import register_method
-
-SELECTIONS = ("own-batch", "clean", "smoothed")
-RULES = ("best", "better", "soft")
 
 
 class CompetitiveParams(DistillerParams):
@@ -52,9 +50,9 @@ class CompetitiveDistillation(Distiller):
 
     label = "competitive distillation: the lowest-CE network of each batch teaches the others"
     paper = "Shi et al., Competitive Distillation, ICCV 2025"
-    min_networks = 2
     has_teacher = True
     Params = CompetitiveParams
+    params: CompetitiveParams
     presets = {
         "cd": ["method.name=cd"],  # with the config's perturbation settings
         "cd-noperturb": ["method.name=cd", "perturb.enabled=false"],
@@ -65,27 +63,15 @@ class CompetitiveDistillation(Distiller):
         "cd-soft": ["method.name=cd", "method.rule=soft", "method.rampup=0.3", "perturb.enabled=false"],
     }
 
-    def __init__(self, alpha: float = 1.0, beta: float = 1.0, temperature: float = 1.0, rule: str = "best",
-                 selection: str = "own-batch", smoothing: float = 0.9, feature_reduction: str = "batchmean",
-                 feature_layers=None, soft_scale: float = 0.1, rampup: float = 0.0):
-        super().__init__(alpha, beta, temperature, feature_reduction, feature_layers)
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-        if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
-        if soft_scale <= 0 or not 0.0 <= rampup <= 1.0:
-            raise ValueError(f"soft_scale must be > 0 and rampup in [0, 1], got soft_scale={soft_scale}, rampup={rampup}")
-        self.rule, self.selection, self.smoothing = rule, selection, float(smoothing)
-        self.soft_scale, self.rampup = float(soft_scale), float(rampup)
-        self._ema: Tensor | None = None
+    def __init__(self, params: CompetitiveParams | None = None, **options):
+        super().__init__(params, **options)
+        self._ema: Tensor | None = None  # selection=smoothed: the EMA of the selection CE
 
     def selection_ce(self, step: StepInput, ce: Tensor) -> Tensor:
         if step.selection_ce is not None:
             return step.selection_ce.detach().to(ce.device, ce.dtype)
         selection = ce
-        if self.selection != "own-batch" and step.perturbed is not None and step.clean_ce is not None:
+        if self.params.selection != "own-batch" and step.perturbed is not None and step.clean_ce is not None:
             selection = ce.clone()
             selection[step.perturbed] = step.clean_ce(step.perturbed).to(ce.dtype)
         if step.reduce_mean is not None:
@@ -93,17 +79,18 @@ class CompetitiveDistillation(Distiller):
         return selection
 
     def distillation_scale(self, step: StepInput) -> float:
-        return sigmoid_rampup(step.progress, self.rampup)
+        return sigmoid_rampup(step.progress, self.params.rampup)
 
     def _scores(self, selection: Tensor) -> Tensor:
-        if self.selection != "smoothed":
+        if self.params.selection != "smoothed":
             return selection
         finite = torch.isfinite(selection)
         if self._ema is None or self._ema.shape != selection.shape:
             self._ema = selection.clone()
         else:
             self._ema = self._ema.to(selection.device)
-            updated = self.smoothing * self._ema + (1.0 - self.smoothing) * selection
+            smoothing = self.params.smoothing
+            updated = smoothing * self._ema + (1.0 - smoothing) * selection
             self._ema = torch.where(finite, updated, self._ema)
         # a network that diverges now is out now, whatever its history
         return torch.where(finite, self._ema, selection)
@@ -113,15 +100,16 @@ class CompetitiveDistillation(Distiller):
         scores = self._scores(selection)
         scores = torch.where(torch.isfinite(ce), scores, torch.full_like(scores, float("nan")))
         teacher_index, eligible = select_teacher(scores)
-        if self.rule == "best":
+        rule = self.params.rule
+        if rule == "best":
             students = torch.arange(n, device=ce.device) != teacher_index
             onehot = F.one_hot(teacher_index.clamp(min=0), n).bool() & (teacher_index >= 0)
             weights = (students[:, None] & onehot[None, :]).float()
             return weights, teacher_index
-        if self.rule == "soft":
+        if rule == "soft":
             # W[i, j] = sigmoid((s_i - s_j) / scale): a clearly better peer teaches fully, an equal one half, a
             # clearly worse one not at all; scale -> 0 gives "better" without the averaging (ours, not the paper)
-            gap = (scores[:, None] - scores[None, :]) / self.soft_scale
+            gap = (scores[:, None] - scores[None, :]) / self.params.soft_scale
             weights = torch.sigmoid(torch.nan_to_num(gap))
             weights = weights * (eligible[None, :] & ~torch.eye(n, dtype=torch.bool, device=ce.device)).float()
             return weights, teacher_index
@@ -133,17 +121,18 @@ class CompetitiveDistillation(Distiller):
         weights = better.float() / better.sum(dim=1, keepdim=True).clamp(min=1).float()
         return weights, teacher_index
 
-    @classmethod
-    def describe(cls, params, perturb) -> str:
-        parts = [cls.name, f"rule {params.get('rule', 'best')}"]
-        if params.get("rule") == "soft":
-            parts.append(f"scale {params.get('soft_scale')}")
-        if params.get("rampup"):
-            parts.append(f"ramp-up {params.get('rampup')}")
-        if params.get("selection", "own-batch") != "own-batch":
-            parts.append(f"selection {params.get('selection')}")
-        if params.get("beta"):
-            parts.append(f"β {params.get('beta')}")
+    def describe(self, perturb=None) -> str:
+        p = self.params
+        parts = [self.name, f"rule {p.rule}"]
+        if p.rule == "soft":
+            parts.append(f"scale {p.soft_scale}")
+        if p.rampup:
+            parts.append(f"ramp-up {p.rampup}")
+        if p.selection != "own-batch":
+            parts.append(f"selection {p.selection}")
+        if p.beta:
+            parts.append(f"β {p.beta}")
+        perturb = perturb or {}
         if perturb.get("enabled"):
             ops = perturb.get("ops")
             ops = "+".join(ops) if isinstance(ops, list) else ops

@@ -4,13 +4,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
+from ..losses import check_logits, log_softmax_at, per_network_ce, select_teacher, sigmoid_rampup, soft_kl
 from .base import GroupLosses, GroupMethod, MethodContext, MethodParams, Needs, StepInput
-from .common import check_logits, per_network_ce, select_teacher, sigmoid_rampup
-from .kdcl import kl_from_probs
 from .registry import register_method
 from .temporal import TemporalMeans, WithTemporalMeans
 
@@ -54,21 +52,14 @@ class CompetitiveMeanTeachers(WithTemporalMeans, GroupMethod):
     label = "competitive mean teachers (ours): the lowest-CE temporal mean of each batch teaches every network"
     paper = "ours (kdarena): competitive distillation among mean teachers"
     Params = CompetitiveMeanParams
-    min_networks = 2
+    params: CompetitiveMeanParams
+    needs = Needs(min_networks=2, perturbation=False)
     has_teacher = True
     presets = {"cd-mean": ["method.name=cd-mean", "perturb.enabled=false"]}
 
-    def __init__(self, alpha: float = 1.0, temperature: float = 1.0, ema_decay: float = 0.999, rampup: float = 0.3):
-        if alpha < 0 or temperature <= 0:
-            raise ValueError(f"alpha must be >= 0 and temperature > 0, got alpha={alpha}, temperature={temperature}")
-        if not 0.0 <= rampup <= 1.0:
-            raise ValueError(f"rampup must be in [0, 1], got {rampup}")
-        self.alpha, self.temperature, self.rampup = float(alpha), float(temperature), float(rampup)
-        self.temporal = TemporalMeans(ema_decay, owner="cd-mean")
-
-    @property
-    def needs(self) -> Needs:
-        return Needs(min_networks=self.min_networks, perturbation=False)
+    def __init__(self, params: CompetitiveMeanParams | None = None, **options):
+        super().__init__(params, **options)
+        self.temporal = TemporalMeans(self.params.ema_decay, owner="cd-mean")
 
     def setup(self, context: MethodContext) -> None:
         self.temporal.build(context.networks)
@@ -76,7 +67,7 @@ class CompetitiveMeanTeachers(WithTemporalMeans, GroupMethod):
     def losses(self, step: StepInput, mean_logits: Sequence[Tensor] | None = None) -> GroupLosses:
         """``mean_logits``: the temporal means' logits (Python API and tests); default: run the means on ``step.x``."""
         logits = step.logits
-        check_logits(logits, self.min_networks)
+        check_logits(logits, self.needs.min_networks)
         n = len(logits)
         ce = torch.stack(per_network_ce(logits, step.targets))
         mean_logits = list(mean_logits) if mean_logits is not None else self.temporal.logits(step)
@@ -90,17 +81,13 @@ class CompetitiveMeanTeachers(WithTemporalMeans, GroupMethod):
                 mean_ce = step.reduce_mean(mean_ce.clone())
             teacher_index, _ = select_teacher(mean_ce)
             teacher_logits = torch.stack([m.detach() for m in mean_logits])[teacher_index.clamp(min=0)]
-            teacher_p = F.softmax(teacher_logits / self.temperature, dim=1)
-        kd = torch.stack([kl_from_probs(teacher_p.to(z.device), z, self.temperature) for z in logits])
+        p = self.params
+        students = torch.stack([log_softmax_at(z, p.temperature) for z in logits])  # (n, B, K)
+        kd = soft_kl(students, log_softmax_at(teacher_logits, p.temperature).to(students.device), p.temperature)
         kd = torch.where(teacher_index >= 0, kd, torch.zeros_like(kd))
-        weight = sigmoid_rampup(step.progress, self.rampup)
-        totals = ce + (self.alpha * weight) * kd
-        terms = {f"ce_{i}": ce[i].detach() for i in range(n)}
-        terms.update({f"kd_{i}": kd[i].detach() for i in range(n)})
-        terms.update({f"mean_ce_{i}": mean_ce[i] for i in range(n)})
-        return GroupLosses(list(totals.unbind(0)), totals.sum(), ce.detach(), teacher_index, terms)
+        weight = sigmoid_rampup(step.progress, p.rampup)
+        return GroupLosses.of(ce + (p.alpha * weight) * kd, ce, teacher_index, kd=kd, mean_ce=mean_ce)
 
-    @classmethod
-    def describe(cls, params, perturb) -> str:
-        return ", ".join([cls.name, f"EMA {params.get('ema_decay', 0.999)}", f"τ {params.get('temperature', 1.0)}",
-                          f"ramp-up {params.get('rampup', 0.3)}"])
+    def describe(self, perturb=None) -> str:
+        p = self.params
+        return ", ".join([self.name, f"EMA {p.ema_decay}", f"τ {p.temperature}", f"ramp-up {p.rampup}"])

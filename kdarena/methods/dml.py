@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import Distiller, DistillerParams, no_teacher
+from .distiller import Distiller
 from .registry import register_method
 
 
@@ -19,17 +19,11 @@ class DeepMutualLearning(Distiller):
 
     label = "deep mutual learning: every network distils from the mean of its peers"
     paper = "Zhang et al., Deep Mutual Learning, CVPR 2018"
-    min_networks = 2
     presets = {"dml": ["method.name=dml", "perturb.enabled=false"]}
-    Params = DistillerParams
-
-    def __init__(self, alpha: float = 1.0, temperature: float = 1.0, beta: float = 0.0, feature_reduction: str = "batchmean",
-                 feature_layers=None):
-        super().__init__(alpha, beta, temperature, feature_reduction, feature_layers)
 
     def weights(self, ce, selection):
         n = ce.shape[0]
         eligible = torch.isfinite(selection) & torch.isfinite(ce)
         peers = eligible[None, :] & ~torch.eye(n, dtype=torch.bool, device=ce.device)
         weights = peers.float() / peers.sum(dim=1, keepdim=True).clamp(min=1).float()
-        return weights, no_teacher(ce)
+        return weights, None  # no teacher

@@ -8,27 +8,24 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .base import GroupLosses, GroupMethod, MethodContext, MethodParams, Needs, StepInput
-from .common import check_logits, no_teacher, pairwise_kl, per_network_ce
+from ..errors import ConfigError
+from ..losses import check_logits, log_softmax_at, per_network_ce, soft_kl
+from .base import GroupLosses, GroupMethod, MethodContext, MethodParams, Needs, StepInput, freeze
 from .registry import register_method
 
 
 class KDParams(MethodParams):
-    # config defaults alpha = tau = 1 as in every kdarena release so far (the Python class defaults to Hinton's 0.9 / 4)
-    alpha: float = Field(1.0, ge=0, description="weight of the KL term")
-    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(1.0, ge=0, description="weight of the KL term (Hinton et al.: 0.9)")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the KL term (Hinton et al.: 4)")
     ce_weight: float = Field(1.0, ge=0, description="weight of the students' own CE")
-    teacher_model: str = Field(description="the frozen teacher's model name")
+    teacher_model: Optional[str] = Field(None, description="the frozen teacher's model name (required for training; "
+                                         "the Python API may pass StepInput.teacher_logits instead)")
     teacher_checkpoint: Optional[str] = Field(None, description="a kdarena checkpoint or a state_dict file")
     teacher_index: int = Field(0, ge=0, description="which network of a kdarena checkpoint teaches")
 
-
-def freeze(module: nn.Module) -> nn.Module:
-    """Put a teacher network in eval mode with every parameter frozen."""
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
+    def check(self, num_networks: int) -> None:
+        if self.teacher_model is None:
+            raise ValueError("teacher_model", "required: name the frozen teacher's model, e.g. method.teacher_model=resnet56")
 
 
 @register_method("kd")
@@ -44,55 +41,50 @@ class KnowledgeDistillation(GroupMethod):
     label = "offline knowledge distillation from a frozen, pre-trained teacher"
     paper = "Hinton et al., Distilling the Knowledge in a Neural Network, 2015"
     Params = KDParams
+    params: KDParams
     presets = {}  # needs a teacher model: no preset without one
+    needs = Needs(min_networks=1, perturbation=False)
 
-    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, ce_weight: float = 1.0,
-                 teacher_model: str | None = None, teacher_checkpoint: str | None = None, teacher_index: int = 0):
-        if alpha < 0 or ce_weight < 0:
-            raise ValueError(f"alpha and ce_weight must be >= 0, got alpha={alpha}, ce_weight={ce_weight}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.alpha, self.temperature, self.ce_weight = float(alpha), float(temperature), float(ce_weight)
-        self.teacher_model, self.teacher_checkpoint, self.teacher_index = teacher_model, teacher_checkpoint, teacher_index
+    def __init__(self, params: KDParams | None = None, **options):
+        super().__init__(params, **options)
         self.teacher: nn.Module | None = None
 
-    @property
-    def needs(self) -> Needs:
-        return Needs(min_networks=1, perturbation=False)
-
     def setup(self, context: MethodContext) -> None:
-        if self.teacher_model is None:
+        p = self.params
+        if p.teacher_model is None:
             return
         from .. import models
-        from ..engine.checkpoint import load_network_state
 
-        teacher = models.create(self.teacher_model, num_classes=context.num_classes, in_channels=context.in_channels)
-        if self.teacher_checkpoint:
-            state = load_network_state(Path(self.teacher_checkpoint), self.teacher_index, "method.teacher_checkpoint")
+        try:
+            teacher = models.create(p.teacher_model, num_classes=context.num_classes, in_channels=context.in_channels)
+        except ValueError as error:
+            raise ConfigError(f"bad value for 'method.teacher_model': {error}") from None
+        if p.teacher_checkpoint:
+            if context.load_network_state is None:
+                raise ValueError("method.teacher_checkpoint needs MethodContext.load_network_state (the trainer passes it)")
+            state = context.load_network_state(Path(p.teacher_checkpoint), p.teacher_index, "method.teacher_checkpoint")
             try:
                 teacher.load_state_dict(state)
             except RuntimeError as error:
-                raise ValueError(f"method.teacher_checkpoint does not fit method.teacher_model={self.teacher_model!r}: "
-                                 f"{str(error).splitlines()[0]}") from None
+                raise ConfigError(f"method.teacher_checkpoint does not fit method.teacher_model={p.teacher_model!r}: "
+                                  f"{str(error).splitlines()[0]}") from None
         self.teacher = freeze(teacher.to(context.device))
 
     def losses(self, step: StepInput) -> GroupLosses:
+        p = self.params
         logits = step.logits
-        check_logits(logits, 1)
+        check_logits(logits, self.needs.min_networks)
         teacher_logits = step.teacher_logits
         if teacher_logits is None:
             if self.teacher is None or step.x is None:
                 raise ValueError("KnowledgeDistillation needs teacher_logits, or a teacher_model and the clean batch")
             with torch.no_grad(), step.autocast():
                 teacher_logits = self.teacher(step.x)
-        n = len(logits)
         ce = torch.stack(per_network_ce(logits, step.targets))
-        kd = pairwise_kl([teacher_logits.detach(), *logits], self.temperature)[0, 1:]
-        totals = self.ce_weight * ce + self.alpha * kd
-        terms = {f"ce_{i}": ce[i].detach() for i in range(n)}
-        terms.update({f"kd_{i}": kd[i].detach() for i in range(n)})
-        return GroupLosses(list(totals.unbind(0)), totals.sum(), ce.detach(), no_teacher(ce), terms)
+        students = torch.stack([log_softmax_at(z, p.temperature) for z in logits])  # (n, B, K)
+        kd = soft_kl(students, log_softmax_at(teacher_logits.detach(), p.temperature), p.temperature)
+        totals = p.ce_weight * ce + p.alpha * kd
+        return GroupLosses.of(totals, ce, kd=kd)
 
-    @classmethod
-    def describe(cls, params, perturb) -> str:
-        return f"kd from {params.get('teacher_model')}, τ {params.get('temperature')}"
+    def describe(self, perturb=None) -> str:
+        return f"kd from {self.params.teacher_model}, τ {self.params.temperature}"

@@ -4,28 +4,13 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ..losses import MixedTarget, Target, upcast
+from ..losses import (MixedTarget, Target, check_logits, finite_networks, log_softmax_at, logit_mean, per_network_ce,
+                      soft_kl, upcast)
 from .base import GroupLosses, GroupMethod, MethodParams, Needs, StepInput
-from .common import check_logits, no_teacher, per_network_ce
 from .registry import register_method
-
-ENSEMBLES = ("naive", "minlogit")
-
-
-def finite_networks(logits: Sequence[Tensor]) -> Tensor:
-    """(n,) bool: which networks gave finite logits on the whole batch (the others are left out of any ensemble)."""
-    return torch.stack([torch.isfinite(z).all() for z in logits])
-
-
-def logit_mean(logits: Sequence[Tensor], eligible: Tensor) -> Tensor:
-    """Mean of the eligible networks' logits, detached (zeros when none is eligible: the caller masks that case)."""
-    z = torch.stack([upcast(t.detach()) for t in logits])
-    z = torch.where(eligible[:, None, None], z, torch.zeros_like(z))
-    return z.sum(0) / eligible.sum().clamp(min=1).to(z.dtype)
 
 
 def min_logit(logits: Sequence[Tensor], labels: Tensor, eligible: Tensor) -> Tensor:
@@ -35,17 +20,6 @@ def min_logit(logits: Sequence[Tensor], labels: Tensor, eligible: Tensor) -> Ten
     shifted = torch.where(eligible[:, None, None], shifted, torch.full_like(shifted, float("inf")))
     ensemble = shifted.min(dim=0).values
     return torch.where(torch.isfinite(ensemble), ensemble, torch.zeros_like(ensemble))
-
-
-def kl_from_probs(teacher_p: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
-    """KL(p_t || softmax(z_s/tau)) * tau^2, "batchmean", for teacher probabilities given directly (detached).
-
-    ``xlogy`` makes a zero teacher probability contribute 0 rather than 0 * log 0 = NaN.
-    """
-    teacher_p = teacher_p.detach()
-    log_student = F.log_softmax(upcast(student_logits) / temperature, dim=1)
-    kl = torch.xlogy(teacher_p, teacher_p) - teacher_p * log_student
-    return kl.sum(dim=1).mean() * (temperature * temperature)
 
 
 def hard_labels(step: StepInput) -> Tensor:
@@ -100,48 +74,37 @@ class KDCL(GroupMethod):
     label = "KDCL: every network distils from the ensemble of all peers' logits, each peer on its own augmented view"
     paper = "Guo et al., Online Knowledge Distillation via Collaborative Learning, CVPR 2020"
     Params = KDCLParams
-    min_networks = 2
+    params: KDCLParams
     presets = {
         "kdcl": ["method.name=kdcl", "perturb.enabled=false"],
         "kdcl-minlogit": ["method.name=kdcl", "method.ensemble=minlogit", "perturb.enabled=false"],
     }
 
-    def __init__(self, alpha: float = 1.0, temperature: float = 1.0, ensemble: str = "naive", own_views: bool = True):
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if ensemble not in ENSEMBLES:
-            raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
-        self.alpha, self.temperature, self.ensemble, self.own_views = float(alpha), float(temperature), ensemble, bool(own_views)
-
     @property
     def needs(self) -> Needs:
-        return Needs(min_networks=self.min_networks, perturbation=False, own_views=self.own_views)
+        return Needs(min_networks=2, perturbation=False, own_views=self.params.own_views)
 
     def teacher_logits(self, step: StepInput) -> tuple[Tensor, Tensor]:
         """(z_ens detached, whether any peer was eligible)."""
         eligible = finite_networks(step.logits)
-        if self.ensemble == "minlogit":
+        if self.params.ensemble == "minlogit":
             return min_logit(step.logits, hard_labels(step), eligible), eligible.any()
         return logit_mean(step.logits, eligible), eligible.any()
 
     def losses(self, step: StepInput) -> GroupLosses:
+        p = self.params
         logits = step.logits
-        check_logits(logits, self.min_networks)
-        n = len(logits)
+        check_logits(logits, self.needs.min_networks)
         ce = torch.stack(per_network_ce(logits, step.targets))
         ensemble, any_eligible = self.teacher_logits(step)
-        kd = torch.stack([kl_from_probs(F.softmax(ensemble / self.temperature, dim=1), z, self.temperature) for z in logits])
+        students = torch.stack([log_softmax_at(z, p.temperature) for z in logits])
+        kd = soft_kl(students, log_softmax_at(ensemble, p.temperature), p.temperature)
         kd = torch.where(any_eligible, kd, torch.zeros_like(kd))
-        totals = ce + self.alpha * kd
-        terms = {f"ce_{i}": ce[i].detach() for i in range(n)}
-        terms.update({f"kd_{i}": kd[i].detach() for i in range(n)})
-        return GroupLosses(list(totals.unbind(0)), totals.sum(), ce.detach(), no_teacher(ce), terms)
+        return GroupLosses.of(ce + p.alpha * kd, ce, kd=kd)
 
-    @classmethod
-    def describe(cls, params, perturb) -> str:
-        parts = [cls.name, f"{params.get('ensemble', 'naive')} ensemble", f"τ {params.get('temperature', 1.0)}"]
-        if not params.get("own_views", True):
+    def describe(self, perturb=None) -> str:
+        p = self.params
+        parts = [self.name, f"{p.ensemble} ensemble", f"τ {p.temperature}"]
+        if not p.own_views:
             parts.append("shared view")
         return ", ".join(parts)

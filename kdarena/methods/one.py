@@ -3,14 +3,12 @@ Ensemble", NeurIPS 2018)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..losses import cross_entropy, upcast
+from ..losses import check_logits, cross_entropy, log_softmax_at, per_network_ce, soft_kl, upcast
 from ..models.branched import GateEnsemble
 from .base import GroupLosses, GroupMethod, MethodContext, MethodParams, Needs, StepInput
-from .common import check_logits, no_teacher, per_network_ce
 from .registry import register_method
 
 
@@ -55,22 +53,14 @@ class OnTheFlyNativeEnsemble(GroupMethod):
 
     label = "ONE: branches on a shared trunk distil from their gated ensemble"
     paper = "Lan, Zhu, Gong, Knowledge Distillation by On-the-Fly Native Ensemble, NeurIPS 2018"
-    min_networks = 2
-    branched = True
     Params = OneParams
+    params: OneParams
+    needs = Needs(min_networks=2, branched=True)
     presets = {"one": ["method.name=one", "perturb.enabled=false"]}
 
-    def __init__(self, alpha: float = 1.0, temperature: float = 3.0):
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.alpha, self.temperature = float(alpha), float(temperature)
+    def __init__(self, params: OneParams | None = None, **options):
+        super().__init__(params, **options)
         self._ensemble: nn.Module | None = None
-
-    @property
-    def needs(self) -> Needs:
-        return Needs(min_networks=self.min_networks, branched=True)
 
     def setup(self, context: MethodContext) -> None:
         self._ensemble = GateEnsemble(context.networks)
@@ -80,7 +70,7 @@ class OnTheFlyNativeEnsemble(GroupMethod):
 
     def losses(self, step: StepInput) -> GroupLosses:
         logits = step.logits
-        check_logits(logits, self.min_networks)
+        check_logits(logits, self.needs.min_networks)
         m = len(logits)
         gate = step.extras.get("gate")
         if gate is None or tuple(gate.shape) != (logits[0].shape[0], m):
@@ -96,18 +86,11 @@ class OnTheFlyNativeEnsemble(GroupMethod):
         g = torch.where(eligible.all(), g, kept / kept.sum(dim=1, keepdim=True).clamp_min(1e-12))
         z_e = torch.einsum("bk,kbc->bc", g, z)
         ce_e = cross_entropy(z_e, step.targets[0])
-        tau = self.temperature
-        log_p_e = F.log_softmax(z_e.detach() / tau, dim=1)
-        kd = torch.stack([
-            F.kl_div(F.log_softmax(zk / tau, dim=1), log_p_e, reduction="batchmean", log_target=True) * tau * tau
-            for zk in z.unbind(0)
-        ])
-        totals = ce + self.alpha * kd + ce_e / m
-        terms = {f"ce_{i}": ce_detached[i] for i in range(m)}
-        terms.update({f"kd_{i}": kd[i].detach() for i in range(m)})
-        terms["ens_ce"] = ce_e.detach()
-        return GroupLosses(list(totals.unbind(0)), totals.sum(), ce_detached, no_teacher(ce_detached), terms)
+        p = self.params
+        students = torch.stack([log_softmax_at(zk, p.temperature) for zk in z.unbind(0)])
+        kd = soft_kl(students, log_softmax_at(z_e.detach(), p.temperature), p.temperature)
+        totals = ce + p.alpha * kd + ce_e / m
+        return GroupLosses.of(totals, ce, kd=kd, extra={"ens_ce": ce_e})
 
-    @classmethod
-    def describe(cls, params, perturb) -> str:
-        return f"{cls.name}, T {params.get('temperature', 3.0)}"
+    def describe(self, perturb=None) -> str:
+        return f"{self.name}, T {self.params.temperature}"

@@ -1,27 +1,16 @@
 """PCL-style temporal mean teachers (Wu & Gong, AAAI 2021), on separate networks."""
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..losses import check_logits, finite_networks, log_softmax_at, logit_mean, per_network_ce, sigmoid_rampup, soft_kl
 from .base import GroupLosses, GroupMethod, MethodContext, MethodParams, Needs, StepInput
-from .common import check_logits, no_teacher, per_network_ce
-from .kdcl import finite_networks, kl_from_probs, logit_mean
 from .registry import register_method
-from .temporal import TemporalMeans, WithTemporalMeans, ema_decay_at, ema_update  # noqa: F401 (ema_*: this module's public names before)
-
-
-def sigmoid_rampup(epoch: float, length: float) -> float:
-    """exp(-5 (1 - e/length)^2) for e < length, then 1 (Laine & Aila; the ramp-up mean-teacher methods use)."""
-    if length <= 0:
-        return 1.0
-    phase = 1.0 - min(max(epoch, 0.0), length) / length
-    return float(math.exp(-5.0 * phase * phase))
+from .temporal import TemporalMeans, WithTemporalMeans
 
 
 class PCLParams(MethodParams):
@@ -73,82 +62,62 @@ class PeerCollaborativeLearning(WithTemporalMeans, GroupMethod):
     label = "PCL-style peer mean teachers: distil from the other peers' temporal means and from the peer ensemble"
     paper = "Wu & Gong, Peer Collaborative Learning for Online Knowledge Distillation, AAAI 2021"
     Params = PCLParams
-    min_networks = 2
+    params: PCLParams
+    needs = Needs(min_networks=2, perturbation=False)
     presets = {"pcl": ["method.name=pcl", "perturb.enabled=false"]}
 
-    def __init__(self, alpha: float = 1.0, temperature: float = 1.0, ema_decay: float = 0.999, rampup_epochs: float = 0.0):
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        if rampup_epochs < 0:
-            raise ValueError(f"rampup_epochs must be >= 0, got {rampup_epochs}")
-        self.alpha, self.temperature = float(alpha), float(temperature)
-        self.ema_decay, self.rampup_epochs = float(ema_decay), float(rampup_epochs)
-        self.temporal = TemporalMeans(ema_decay, owner="PCL")
+    def __init__(self, params: PCLParams | None = None, **options):
+        super().__init__(params, **options)
+        self.temporal = TemporalMeans(self.params.ema_decay, owner="PCL")
 
     @property
     def means(self) -> list[nn.Module]:
         return self.temporal.models
 
-    @property
-    def needs(self) -> Needs:
-        return Needs(min_networks=self.min_networks, perturbation=False)
-
     def setup(self, context: MethodContext) -> None:
-        self.build_means(context.networks)
+        self.temporal.build(context.networks)
 
-    def build_means(self, networks: Sequence[nn.Module]) -> None:
-        """Start every temporal mean as a frozen copy of its network (eval mode)."""
-        self.temporal.build(networks)
-
-    def mean_logits(self, step: StepInput) -> list[Tensor]:
-        return self.temporal.logits(step)
-
-    def peer_mean_targets(self, mean_logits: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
-        """p_pmt_i for every i (mean over j != i of the eligible temporal means' probabilities) and
-        whether i had any eligible other mean."""
+    def peer_mean_targets(self, mean_logits: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """log p_pmt_i for every i, (n, B, K) -- the log of the mean over j != i of the eligible temporal
+        means' probabilities -- and whether i had any eligible other mean (n,)."""
         n = len(mean_logits)
         eligible = finite_networks(mean_logits)
-        probs = torch.stack([F.softmax(m.detach() / self.temperature, dim=1) for m in mean_logits])
-        probs = torch.where(eligible[:, None, None], probs, torch.zeros_like(probs))
-        others = eligible[None, :] & ~torch.eye(n, dtype=torch.bool, device=probs.device)  # others[i, j]
+        logp = torch.stack([log_softmax_at(m.detach(), self.params.temperature) for m in mean_logits])
+        others = eligible[None, :] & ~torch.eye(n, dtype=torch.bool, device=logp.device)  # others[i, j]
         counts = others.sum(dim=1)
-        targets = torch.einsum("ij,jbk->ibk", others.to(probs.dtype), probs) / counts.clamp(min=1)[:, None, None].to(probs.dtype)
-        return list(targets.unbind(0)), counts > 0
+        # log mean_j p_j = logsumexp_j log p_j - log(count), over the others only (log space: no log 0)
+        masked = torch.where(others[:, :, None, None], logp[None], torch.full_like(logp[None], float("-inf")))
+        log_mean = torch.logsumexp(masked, dim=1) - counts.clamp(min=1).to(logp.dtype).log()[:, None, None]
+        has_other = counts > 0
+        return torch.where(has_other[:, None, None], log_mean, torch.zeros_like(log_mean)), has_other
 
     def rampup(self, step: StepInput) -> float:
-        return sigmoid_rampup(float(step.epoch), self.rampup_epochs)
+        return sigmoid_rampup(float(step.epoch), self.params.rampup_epochs)
 
     def losses(self, step: StepInput, mean_logits: Sequence[Tensor] | None = None) -> GroupLosses:
         """``mean_logits``: the temporal means' logits (Python API and tests); default: run the means on ``step.x``."""
         logits = step.logits
-        check_logits(logits, self.min_networks)
+        check_logits(logits, self.needs.min_networks)
         n = len(logits)
         ce = torch.stack(per_network_ce(logits, step.targets))
-        mean_logits = list(mean_logits) if mean_logits is not None else self.mean_logits(step)
+        mean_logits = list(mean_logits) if mean_logits is not None else self.temporal.logits(step)
         if len(mean_logits) != n:
             raise ValueError(f"got {len(mean_logits)} temporal means for {n} networks")
+        p = self.params
         pmt_targets, has_pmt = self.peer_mean_targets(mean_logits)
         eligible = finite_networks(logits)
-        p_ens = F.softmax(logit_mean(logits, eligible) / self.temperature, dim=1)
-        pmt = torch.stack([kl_from_probs(pmt_targets[i].to(logits[i].device), logits[i], self.temperature) for i in range(n)])
+        students = torch.stack([log_softmax_at(z, p.temperature) for z in logits])  # (n, B, K)
+        pmt = soft_kl(students, pmt_targets.to(students.device), p.temperature)
         pmt = torch.where(has_pmt.to(pmt.device), pmt, torch.zeros_like(pmt))
-        ens = torch.stack([kl_from_probs(p_ens, z, self.temperature) for z in logits])
+        ens = soft_kl(students, log_softmax_at(logit_mean(logits, eligible), p.temperature), p.temperature)
         ens = torch.where(eligible.any(), ens, torch.zeros_like(ens))
         weight = self.rampup(step)
-        totals = ce + self.alpha * (weight * pmt + ens)
-        terms = {f"ce_{i}": ce[i].detach() for i in range(n)}
-        terms.update({f"kd_{i}": (weight * pmt[i] + ens[i]).detach() for i in range(n)})  # logged per epoch
-        terms.update({f"pmt_{i}": pmt[i].detach() for i in range(n)})
-        terms.update({f"ens_{i}": ens[i].detach() for i in range(n)})
-        return GroupLosses(list(totals.unbind(0)), totals.sum(), ce.detach(), no_teacher(ce), terms)
+        kd = weight * pmt + ens  # logged per epoch
+        return GroupLosses.of(ce + p.alpha * kd, ce, kd=kd, pmt=pmt, ens=ens)
 
-    @classmethod
-    def describe(cls, params, perturb) -> str:
-        parts = [cls.name, f"EMA {params.get('ema_decay', 0.999)}", f"τ {params.get('temperature', 1.0)}"]
-        if params.get("rampup_epochs"):
-            parts.append(f"ramp-up {params.get('rampup_epochs')} epochs")
+    def describe(self, perturb=None) -> str:
+        p = self.params
+        parts = [self.name, f"EMA {p.ema_decay}", f"τ {p.temperature}"]
+        if p.rampup_epochs:
+            parts.append(f"ramp-up {p.rampup_epochs} epochs")
         return ", ".join(parts)

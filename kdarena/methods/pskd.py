@@ -8,21 +8,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ..losses import MixedTarget, Target, upcast
+from ..losses import Target, check_logits, cross_entropy, per_network_ce, upcast
 from .base import GroupLosses, GroupMethod, MethodContext, MethodParams, Needs, StepInput
-from .common import check_logits, no_teacher, per_network_ce
 from .registry import register_method
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-def per_sample_ce(logits: Tensor, target: Target) -> Tensor:
-    """(B,) cross-entropy against hard (or mixed) labels, in float32 or wider."""
-    logits = upcast(logits)
-    if isinstance(target, MixedTarget):
-        return target.lam * F.cross_entropy(logits, target.a, reduction="none") + (1.0 - target.lam) * F.cross_entropy(
-            logits, target.b, reduction="none")
-    return F.cross_entropy(logits, target, reduction="none")
 
 
 def soft_target_ce(logits: Tensor, target: Target, previous: Tensor, weight: Tensor) -> Tensor:
@@ -35,7 +25,7 @@ def soft_target_ce(logits: Tensor, target: Target, previous: Tensor, weight: Ten
     log_p = F.log_softmax(upcast(logits), dim=1)
     soft = -(previous.detach().to(log_p.dtype) * log_p).sum(dim=1)
     a = weight.to(log_p.dtype)
-    return ((1.0 - a) * per_sample_ce(logits, target) + a * soft).mean()
+    return ((1.0 - a) * cross_entropy(logits, target, reduction="none") + a * soft).mean()
 
 
 class PSKDParams(MethodParams):
@@ -85,24 +75,15 @@ class ProgressiveSelfKD(GroupMethod):
     label = "PS-KD self-distillation: soft targets mixing the label with the network's own previous-epoch prediction"
     paper = "Kim et al., Self-Knowledge Distillation with Progressive Refinement of Targets, ICCV 2021"
     Params = PSKDParams
-    min_networks = 1
+    params: PSKDParams
+    needs = Needs(min_networks=1, perturbation=False, sample_index=True)
     presets = {"pskd": ["method.name=pskd", "perturb.enabled=false"]}
 
-    def __init__(self, alpha_T: float = 0.8, epochs: int | None = None, store_dtype: str = "float32"):
-        if not 0.0 <= alpha_T <= 1.0:
-            raise ValueError(f"alpha_T must be in [0, 1], got {alpha_T}")
-        if epochs is not None and epochs < 1:
-            raise ValueError(f"epochs must be >= 1 or None, got {epochs}")
-        if store_dtype not in STORE_DTYPES:
-            raise ValueError(f"store_dtype must be one of {tuple(STORE_DTYPES)}, got {store_dtype!r}")
-        self.alpha_T, self.epochs, self.store_dtype = float(alpha_T), epochs, store_dtype
+    def __init__(self, params: PSKDParams | None = None, **options):
+        super().__init__(params, **options)
         self.train_size = 0
         self.predictions: Tensor | None = None  # (n, N, K) in store_dtype
         self.seen: Tensor | None = None  # (n, N) bool: a prediction is stored
-
-    @property
-    def needs(self) -> Needs:
-        return Needs(min_networks=self.min_networks, perturbation=False, sample_index=True)
 
     def setup(self, context: MethodContext) -> None:
         if context.train_size <= 0:
@@ -110,15 +91,16 @@ class ProgressiveSelfKD(GroupMethod):
         self.train_size = int(context.train_size)
 
     def alpha_at(self, step: StepInput) -> float:
-        if self.epochs is not None:
-            return self.alpha_T * min(step.epoch / self.epochs, 1.0)
-        return self.alpha_T * min(max(step.progress, 0.0), 1.0)
+        p = self.params
+        if p.epochs is not None:
+            return p.alpha_T * min(step.epoch / p.epochs, 1.0)
+        return p.alpha_T * min(max(step.progress, 0.0), 1.0)
 
     def _store(self, n: int, classes: int, device: torch.device) -> tuple[Tensor, Tensor]:
         if self.predictions is None:
             if self.train_size <= 0:
                 raise ValueError("PS-KD has no training set size: call setup(MethodContext(..., train_size=N)) before losses()")
-            self.predictions = torch.zeros(n, self.train_size, classes, dtype=STORE_DTYPES[self.store_dtype], device=device)
+            self.predictions = torch.zeros(n, self.train_size, classes, dtype=STORE_DTYPES[self.params.store_dtype], device=device)
             self.seen = torch.zeros(n, self.train_size, dtype=torch.bool, device=device)
         elif self.predictions.shape[0] != n or self.predictions.shape[2] != classes:
             raise ValueError(f"PS-KD stores predictions for {self.predictions.shape[0]} networks x {self.predictions.shape[2]} "
@@ -128,7 +110,7 @@ class ProgressiveSelfKD(GroupMethod):
 
     def losses(self, step: StepInput) -> GroupLosses:
         logits = step.logits
-        check_logits(logits, self.min_networks)
+        check_logits(logits, self.needs.min_networks)
         if step.index is None:
             raise ValueError("PS-KD needs the batch's sample indices (StepInput.index); the trainer fills them for Needs(sample_index=True)")
         if step.reduce_mean is not None:
@@ -150,11 +132,8 @@ class ProgressiveSelfKD(GroupMethod):
                 predictions[i, index] = torch.where(finite[:, None], p.to(predictions.dtype), predictions[i, index])
                 seen[i, index] = seen[i, index] | finite
         totals = torch.stack(losses)
-        terms = {f"ce_{i}": ce[i].detach() for i in range(n)}
-        # what the soft targets changed: the loss minus the plain CE (0 in the first epoch)
-        terms.update({f"kd_{i}": (totals[i] - ce[i]).detach() for i in range(n)})
-        terms["alpha_t"] = ce.new_tensor(alpha).detach()
-        return GroupLosses(losses, totals.sum(), ce.detach(), no_teacher(ce), terms)
+        # kd: what the soft targets changed, the loss minus the plain CE (0 in the first epoch)
+        return GroupLosses.of(totals, ce, per_network=losses, kd=totals - ce, extra={"alpha_t": ce.new_tensor(alpha)})
 
     def state_dict(self) -> dict:
         if self.predictions is None:
@@ -170,6 +149,5 @@ class ProgressiveSelfKD(GroupMethod):
             raise ValueError(f"the checkpoint's PS-KD store holds {predictions.shape[1]} samples, this run's training set {self.train_size}")
         self.predictions, self.seen = predictions.clone(), seen.clone()
 
-    @classmethod
-    def describe(cls, params, perturb) -> str:
-        return f"{cls.name}, α_T {params.get('alpha_T', 0.8)}"
+    def describe(self, perturb=None) -> str:
+        return f"{self.name}, α_T {self.params.alpha_T}"

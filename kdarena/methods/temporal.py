@@ -13,8 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.branched import whole
-from .base import GroupLosses, StepInput
-from .kd import freeze
+from .base import GroupLosses, StepInput, freeze
 
 
 def ema_decay_at(step: int, ema_decay: float) -> float:
@@ -43,8 +42,6 @@ class TemporalMeans:
     """One temporal mean per network of the group."""
 
     def __init__(self, ema_decay: float, owner: str):
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.ema_decay, self.owner = float(ema_decay), owner
         self.models: list[nn.Module] = []
 

@@ -1,0 +1,87 @@
+"""A method's options are stated once, in its ``Params``: built from them, described from them."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from kdarena.config import load
+from kdarena.methods import BUILT_IN, registry
+
+#: options without a default that a method needs to be built
+REQUIRED = {"kd": {"teacher_model": "convnet"}}
+
+
+def _default_params(name: str):
+    return registry.get(name).Params(**REQUIRED.get(name, {}))
+
+
+#: describe() of every built-in method at its Params defaults (no perturbation), written from the Params fields
+AT_DEFAULTS = {
+    "independent": "independent",
+    "dml": "dml",
+    "cd": "cd, rule best, no perturbation",
+    "cd-mean": "cd-mean, EMA 0.999, τ 1.0, ramp-up 0.3",
+    "kd": "kd from convnet, τ 1.0",
+    "kdcl": "kdcl, naive ensemble, τ 1.0",
+    "pcl": "pcl, EMA 0.999, τ 1.0",
+    "pskd": "pskd, α_T 0.8",
+    "one": "one, T 3.0",
+}
+
+
+def _other_values(params, key):
+    """Valid values of ``key`` other than the current one (validated by the Params model)."""
+    value = getattr(params, key)
+    field = type(params).model_fields[key]
+    candidates = list(getattr(field.annotation, "__args__", ())) if isinstance(value, str) else []
+    if isinstance(value, float):
+        candidates = [value / 2, value + 0.5, 0.25]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        candidates = [value + 1]
+    out = []
+    for candidate in candidates:
+        if candidate == value:
+            continue
+        try:
+            out.append(type(params).model_validate({**params.model_dump(), key: candidate}))
+        except ValueError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_a_method_is_built_from_its_params_and_describes_them(name):
+    cls = registry.get(name)
+    params = _default_params(name)
+    method = registry.build(params)
+    assert method.params is params  # no copy, no defaults of its own
+    # the constructor states no option: its only parameters are the Params object (or keywords validated by it)
+    assert list(inspect.signature(cls.__init__).parameters) == ["self", "params", "options"]
+    # keyword options are the same Params, validated the same way
+    assert cls(**params.model_dump(exclude={"name"})).params == params
+    text = method.describe({"enabled": False})
+    if name in AT_DEFAULTS:
+        assert text == AT_DEFAULTS[name]
+    # describe() reads the Params: an option that changes the text shows its new value
+    for key in cls.Params.model_fields:
+        for other in _other_values(params, key):
+            changed = cls(other).describe({"enabled": False})
+            if changed != text:
+                assert str(getattr(other, key)) in changed, (name, key, changed)
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_the_config_default_of_every_option_is_the_python_default(name):
+    # one place for a default: the config's method section and the Python class agree
+    overrides = [f"method.name={name}"] + [f"method.{k}={v}" for k, v in REQUIRED.get(name, {}).items()]
+    models = "models=[branched:resnet8,branched:resnet8]" if registry.get(name)().needs.branched else "models=[convnet,convnet]"
+    config = load(None, [models, "perturb.enabled=false", *overrides])
+    assert config.method == _default_params(name)
+    assert registry.build(config.method).describe() == registry.get(name)(**REQUIRED.get(name, {})).describe()
+
+
+def test_the_method_list_is_explicit_and_ordered():
+    assert registry.names()[: len(BUILT_IN)] == [cls.name for cls in BUILT_IN]
+    assert registry.names()[:3] == ["independent", "dml", "cd"]  # baselines first
+    assert load(None, []).method.name == registry.DEFAULT
