@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -86,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", help="folder for the PNGs (default: PATH/plots)")
     plot.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
-    data = sub.add_parser("data", help="look at a data set: kdarena data inspect ROOT")
+    data = sub.add_parser("data", help="look at a data set (kdarena data inspect ROOT) or the decoded-image cache (kdarena data cache)")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     inspect = data_sub.add_parser("inspect", help="classes, counts, size, mean/std, cache; a PNG grid of samples per class")
     inspect.add_argument("root", help="a folder or .tar/.tar.gz/.zip of train/ and val/ (or test/) class folders")
@@ -96,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--workers", type=int, default=2, help="decode processes")
     inspect.add_argument("--cache-max-gb", type=float, default=4.0)
     inspect.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    cache = data_sub.add_parser("cache", help="list the decoded-image cache (default) or prune its stale entries")
+    cache.add_argument("--list", action="store_true", help="each entry: size on disk, images, source, stale or not (the default)")
+    cache.add_argument("--prune", action="store_true", help="remove stale entries: damaged, or their source gone or changed")
+    cache.add_argument("--all", action="store_true", help="with --prune: remove every entry")
+    cache.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
@@ -204,6 +210,12 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_data(args) -> int:
+    if args.data_command == "cache":
+        from .data import cache_admin
+
+        removed = args.prune or args.all
+        print(cache_admin.report(cache_admin.prune(args.all) if removed else cache_admin.entries(), removed=removed))
+        return 0
     from .data.inspect import inspect_images
 
     text, _ = inspect_images(args.root, args.name, args.image_size, args.out, workers=args.workers, cache_max_gb=args.cache_max_gb)
@@ -228,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    warnings.formatwarning = lambda message, *_, **__: f"kdarena: warning: {message}\n"  # one line, not the source line
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

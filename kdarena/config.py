@@ -68,6 +68,9 @@ class DataConfig(_Section):
     classes: Optional[int] = Field(None, ge=2, description="keep only the first K classes (in the data set's class order) "
                                    "in every split: e.g. the map of accuracy against the number of classes")
     skip_bad_images: bool = False
+    folder_fingerprint: Literal["stat", "content"] = Field(
+        "stat", json_schema_extra=BOOKKEEPING, description="image folders: how the decoded-image cache recognises the folder: "
+        "stat (path, size, mtime, ctime, inode of every file) or content (sha256 of every file; reads the folder each run)")
     cache_max_gb: float = Field(4.0, ge=0, description="image folders/archives: decode once into memory (cached under "
                                 "~/.cache/kdarena) when the decoded set fits this many GB; larger folders are streamed (0: always stream)")
     mean: Optional[list[float]] = Field(None, description="per-channel normalisation mean in [0, 1] (default: the data set's own)")

@@ -144,7 +144,8 @@ def _image_arrays(config: Config, rank: int):
     d = config.data
     workers = max(1, min(d.num_workers, os.cpu_count() or 1))
     got = load_image_set(d.root, d.name, d.image_size, cache_max_gb=d.cache_max_gb, workers=workers,
-                         skip_bad=d.skip_bad_images, progress=config.train.progress and rank == 0, download=d.download)
+                         skip_bad=d.skip_bad_images, progress=config.train.progress and rank == 0, download=d.download,
+                         fingerprint=d.folder_fingerprint)
     if got is None:
         return None
     train, test, info = got

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from .errors import ImageDataError
 from .images import ImageSetInfo, load_image_set
 
 
@@ -57,7 +58,7 @@ def inspect_images(root: str, name: str = "imagefolder", image_size: int | None 
     (default: ``<archive or folder name>-samples.png`` in the current directory)."""
     got = load_image_set(root, name, image_size, cache_max_gb=cache_max_gb, workers=workers, progress=progress)
     if got is None:
-        raise ValueError(f"{root}: decoded images exceed data.cache_max_gb={cache_max_gb}; pass --cache-max-gb with a larger value")
+        raise ImageDataError(f"{root}: decoded images exceed data.cache_max_gb={cache_max_gb}; pass --cache-max-gb with a larger value")
     train, test, info = got
     base = os.path.basename(info.root.rstrip("/"))
     for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):

@@ -166,10 +166,10 @@ def _open_folder(path: str, max_bytes: float) -> Source:
 
 def _zip_kind(info: zipfile.ZipInfo) -> str:
     """'' for a file, else why a member is not read (links and devices, from its Unix mode)."""
-    mode = info.external_attr >> 16
-    if info.create_system != 3 or not mode or stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+    kind = stat.S_IFMT(info.external_attr >> 16)  # 0: no type recorded (DOS tools, ZipFile.open("w")): a file
+    if info.create_system != 3 or kind in (0, stat.S_IFREG, stat.S_IFDIR):
         return "encrypted (kdarena reads unencrypted archives)" if info.flag_bits & 0x1 else ""
-    return "a link" if stat.S_ISLNK(mode) else "not a regular file (a FIFO, device or socket)"
+    return "a link" if kind == stat.S_IFLNK else "not a regular file (a FIFO, device or socket)"
 
 
 def _open_zip(path: str, max_bytes: float) -> Source:

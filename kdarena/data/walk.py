@@ -115,10 +115,10 @@ def scan_folder(root: str, wanted: Callable[[str], bool]) -> FolderScan:
 
 def skipped_note(root: str, skipped: list[tuple[str, str]]) -> str:
     """One line for a warning about what a walk or an archive scan left out."""
-    rel, why = skipped[0]
-    more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
-    return (f"{root}: skipped {rel} ({why}){more}; kdarena reads only regular files inside the data root: "
-            "copy the files in instead of linking them")
+    named = "; ".join(f"{rel}: {why}" for rel, why in skipped[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return (f"{root}: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} ({named}{more}); kdarena reads "
+            "only regular files inside the data root: copy the files in instead of linking them")
 
 
 def walk_order(rel: str) -> list[tuple[int, str]]:

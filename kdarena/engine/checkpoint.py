@@ -186,6 +186,13 @@ def _fsync_dir(folder: Path) -> None:
 def load(path: str | Path, map_location: str | torch.device = "cpu", required: tuple[str, ...] = RESUME_KEYS) -> dict[str, Any]:
     """Load and sanity-check a kdarena checkpoint holding ``required``, raising :class:`CheckpointError`."""
     path = Path(path)
+    if path.is_dir():
+        found = [path / d / n for d in ("checkpoints", ".") for n in ("last.pt", "best.pt") if (path / d / n).is_file()]
+        hint = f"give a checkpoint file such as {str(found[0])!r}" if found else "give a file such as RUN_DIR/checkpoints/last.pt"
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder, not a checkpoint file; {hint}")
+    if path.exists() and not path.is_file():  # /dev/null, a FIFO: never opened (a FIFO would block)
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a regular file (a device, FIFO or socket); "
+                              "give a file such as RUN_DIR/checkpoints/last.pt")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     state = _safe_load(path, map_location)
