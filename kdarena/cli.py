@@ -78,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("dirs", nargs="+")
     report.add_argument("--out", help="where to write report.md and report.csv (default: the first directory)")
     report.add_argument("--best-on-test", action="store_true", help="also report the best test accuracy (selected on test; labelled so)")
-    report.add_argument("--baseline", default="independent,dml",
-                        help="comma-separated methods every other method is compared with, seed by seed (paired 95%% intervals)")
+    report.add_argument("--baseline", default=None,
+                        help="comma-separated methods every other method is compared with, seed by seed (paired 95%% intervals); "
+                             "a named method without runs is an error (exit 2). Default: independent,dml, each only if it has runs")
     report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     plot = sub.add_parser("plot", help="PNG plots of a run or an experiment directory")
@@ -196,7 +197,7 @@ def _cmd_sweep(args) -> int:
 def _cmd_report(args) -> int:
     from .experiments.report import write_report
 
-    baselines = [b for b in args.baseline.split(",") if b]
+    baselines = None if args.baseline is None else [b.strip() for b in args.baseline.split(",") if b.strip()]
     print(write_report(args.dirs, args.out, best_on_test=args.best_on_test, baselines=baselines))
     return 0
 

@@ -13,18 +13,16 @@ directly, so the global matplotlib backend of the caller is left alone.
 from __future__ import annotations
 
 import math
-import os
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..engine.runlog import read_metrics
+from ..errors import UserError
 from ..methods import registry as method_registry
+from . import run_folders
 
-_SEED_SUFFIX = re.compile(r"-seed(\d+)$")
-_SKIP_DIRS = {"checkpoints", "tensorboard", "plots"}
 _TERMS = (("ce", "cross-entropy"), ("kd", "distillation KL"), ("feat", "feature loss"))
 
 
@@ -55,40 +53,21 @@ class _Run:
         return bool(method and method.has_teacher)
 
 
-def _load_config(run_dir: Path) -> dict[str, Any]:
-    import json
-
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        try:
-            return json.loads(summary.read_text()).get("config") or {}
-        except ValueError:
-            pass
-    path = run_dir / "config.yaml"
-    if path.is_file():
-        import yaml
-
-        try:
-            return yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError:
-            pass
-    return {}
-
-
 def _find_runs(path: Path) -> list[_Run]:
+    """The runs under ``path`` with epoch records; a damaged one is skipped with a warning naming its file and the fault."""
     runs = []
-    for current, subdirs, files in os.walk(path):
-        subdirs[:] = sorted(s for s in subdirs if s not in _SKIP_DIRS and ".old-" not in s)
-        if "metrics.jsonl" not in files:
+    for here in run_folders.walk(path, "metrics.jsonl"):
+        try:
+            run_folders.check_file(here / "metrics.jsonl", run_folders.METRICS_MAX_BYTES)
+            records = read_metrics(here)
+            run_folders.check_records(here / "metrics.jsonl", records)
+            config = run_folders.read_config(here)
+        except run_folders.DamagedFile as error:
+            run_folders.skip(error)
             continue
-        here = Path(current)
-        records = read_metrics(here)
         if not records:
             continue
-        config = _load_config(here)
-        match = _SEED_SUFFIX.search(here.name)
-        label = _SEED_SUFFIX.sub("", here.name)
-        seed = int(match.group(1)) if match else int(config.get("seed", 0))
+        label, seed = run_folders.label_and_seed(here, config)
         runs.append(_Run(here, label, seed, records, config))
     keys = [(r.label, r.seed) for r in runs]
     if len(set(keys)) != len(keys):  # several experiments below PATH: qualify labels with the experiment
@@ -326,11 +305,11 @@ def plot_path(path: str | Path, out: str | Path | None = None) -> list[str]:
     """Write the PNGs for a run directory or an experiment directory; return their paths."""
     Figure = _matplotlib()
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory; give a run directory or an experiment directory (kdarena sweep --out)")
     runs = _find_runs(path)
     if not runs:
-        raise FileNotFoundError(f"no run with a metrics.jsonl under {path}")
+        raise UserError(f"no run with a valid metrics.jsonl under {path}; train or sweep into it first (kdarena sweep --out DIR)")
     groups = _groups(runs)
     colors = _colors(list(groups))
     target = Path(out) if out else path / "plots"

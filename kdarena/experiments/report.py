@@ -10,10 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import math
-import os
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +19,12 @@ from typing import Any, Iterable, Sequence
 from pydantic import ValidationError
 
 from ..config import flatten, marked_keys
+from ..engine.runlog import atomic_write_text
 from ..errors import UserError
-from .stats import Paired, mean, paired_difference, pooled_std, sample_std  # noqa: F401  (re-exported)
 from ..methods import registry as method_registry
+from . import run_folders
+from .stats import Paired, mean, paired_difference, pooled_std, sample_std  # noqa: F401  (re-exported)
 
-log = logging.getLogger("kdarena")
-
-_SEED_SUFFIX = re.compile(r"-seed(\d+)$")
-_SKIP_DIRS = {"checkpoints", "tensorboard", "plots"}
 #: Prefixes of the keys that define the method (they may differ between the runs of one experiment).
 _METHOD_PREFIXES = ("seed", "method.", "perturb.")
 
@@ -77,29 +72,23 @@ def _csv_num(value: float | None, digits: int = 4) -> str:
 
 # ----------------------------------------------------------------------------- discovery
 def find_runs(dirs: Iterable[str | Path]) -> list[Run]:
+    """The finished runs under ``dirs``; a damaged one is skipped with a warning naming its file and the fault."""
     runs: list[Run] = []
     seen: set[Path] = set()
     for d in dirs:
         root = Path(d)
-        if not root.exists():
-            raise FileNotFoundError(f"{root} does not exist")
-        for current, subdirs, files in os.walk(root):
-            subdirs[:] = sorted(s for s in subdirs if s not in _SKIP_DIRS and ".old-" not in s)
-            here = Path(current)
-            if "summary.json" not in files or here.resolve() in seen:
+        if not root.is_dir():
+            raise UserError(f"{root} is not a directory; give an experiment directory (kdarena sweep --out) or a run directory")
+        for here in run_folders.walk(root, "summary.json"):
+            if here.resolve() in seen:
                 continue
             seen.add(here.resolve())
             try:
-                summary = json.loads((here / "summary.json").read_text())
-            except (OSError, ValueError) as error:
-                log.warning("skipping %s: unreadable summary.json (%s)", here, error)
+                summary = run_folders.read_summary(here)
+            except run_folders.DamagedFile as error:
+                run_folders.skip(error)
                 continue
-            if not summary.get("networks"):
-                log.warning("skipping %s: its summary holds no evaluation", here)
-                continue
-            match = _SEED_SUFFIX.search(here.name)
-            label = _SEED_SUFFIX.sub("", here.name) if match else here.name
-            seed = int(match.group(1)) if match else int((summary.get("config") or {}).get("seed", 0))
+            label, seed = run_folders.label_and_seed(here, summary.get("config") or {})
             runs.append(Run(here, here.parent, label, seed, summary))
     return runs
 
@@ -208,48 +197,90 @@ def _by_seed(runs: list[Run], index: int | None, key: str) -> dict[int, float]:
     return out
 
 
-def _paired_table(groups: dict[str, list[Run]], baseline: str) -> list[str]:
-    """Per method and network: mean of the seed-matched differences to ``baseline`` with a 95 % t-interval."""
-    base = groups.get(baseline)
-    if base is None:
-        return []
-    header = ["method", "network", "pairs", "Δ last epoch [95% CI]", "", "Δ @ best val [95% CI]", ""]
-    rows = []
+#: (csv name, summary key, table title) of the two accuracies compared seed by seed
+_METRICS = (("last", "last_test_top1", "Δ last epoch [95% CI]"), ("best_val", "test_at_best_val_top1", "Δ @ best val [95% CI]"))
+DEFAULT_BASELINES = ("independent", "dml")
+
+
+def _paired(groups: dict[str, list[Run]], baseline: str) -> dict[tuple[str, str], dict[str, Paired]]:
+    """Per (method, network row): the seed-matched differences to ``baseline`` at each metric."""
+    base = groups[baseline]
+    out = {}
     for label, group in groups.items():
         if label == baseline:
             continue
         for name, index in _network_rows(group):
-            cells = [label, name, ""]
-            for key in ("last_test_top1", "test_at_best_val_top1"):
-                diff = paired_difference(_by_seed(group, index, key), _by_seed(base, index, key))
-                cells[2] = str(diff.n)
-                cells += [diff.text(), diff.verdict]
-            rows.append(cells)
-    if not rows:
+            out[(label, name)] = {metric: paired_difference(_by_seed(group, index, key), _by_seed(base, index, key))
+                                  for metric, key, _ in _METRICS}
+    return out
+
+
+def _paired_table(baseline: str, paired: dict[tuple[str, str], dict[str, Paired]]) -> list[str]:
+    if not paired:
         return []
-    return [f"Paired differences vs **{baseline}** (test top-1, points; mean over seeds run for both, matched by seed, "
-            f"with a 95 % Student-t interval; 'better'/'worse' = the interval excludes 0, 'n.s.' = it does not):", "",
+    header = ["method", "network"] + [h for _, _, title in _METRICS for h in (title, "width", "pairs", "")]
+    rows = [[label, name] + [c for metric, _, _ in _METRICS for c in (d[metric].text(), _f(d[metric].width), str(d[metric].n), d[metric].verdict)]
+            for (label, name), d in paired.items()]
+    return [f"Paired differences vs **{baseline}** (test top-1, points; mean over the seeds run for both, matched by seed, "
+            f"with a 95 % Student-t interval; width = its upper minus its lower end; pairs = the number of seeds it rests on; "
+            f"'better'/'worse' = the interval excludes 0, 'n.s.' = it does not):", "",
             *_table(header, rows, align_right_from=2), ""]
 
 
+def _paired_columns(baseline: str, diffs: dict[str, Paired] | None) -> dict[str, str | int]:
+    """report.csv's columns of the paired differences to ``baseline`` (empty for the baseline itself)."""
+    out: dict[str, str | int] = {}
+    for metric, _, _ in _METRICS:
+        d, name = (diffs or {}).get(metric), f"paired_{metric}_vs_{baseline}"
+        out.update({name: _csv_num(d.mean) if d else "", f"{name}_low": _csv_num(d.low) if d else "",
+                    f"{name}_high": _csv_num(d.high) if d else "", f"{name}_width": _csv_num(d.width) if d else "",
+                    f"{name}_pairs": d.n if d else ""})
+    return out
+
+
+def _check_baselines(runs: list[Run], baselines: Sequence[str] | None, dirs: list) -> list[str]:
+    """The baselines to compare with: each one the user named must have runs (the defaults need not)."""
+    present = _ordered_labels({r.label for r in runs})
+    if baselines is None:
+        return list(DEFAULT_BASELINES)
+    missing = [b for b in baselines if b not in present]
+    if missing:
+        raise UserError(f"no run of baseline {', '.join(missing)} under {', '.join(map(str, dirs))}; methods present: "
+                        f"{', '.join(present)}; pass some of them to --baseline (comma-separated)")
+    return list(baselines)
+
+
+def _perturbed(group: list[Run]) -> tuple[int, int]:
+    """Perturbed steps the perturbed network won, and perturbed steps, summed over the group's seeds."""
+    return sum(r.summary.get("perturbed_won", 0) for r in group), sum(r.summary.get("perturbed_steps", 0) for r in group)
+
+
+def _run_mean(group: list[Run], key: str) -> float:
+    return mean([float(r.summary.get(key, 0.0)) for r in group])
+
+
 def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None = None, best_on_test: bool = False,
-                 baselines: Sequence[str] = ("independent", "dml")) -> str:
+                 baselines: Sequence[str] | None = None) -> str:
     """Write ``report.md`` and ``report.csv`` into ``out`` (default: the first dir); return the Markdown.
 
-    ``baselines``: methods every other method is compared with, seed by seed (paired 95 % intervals).
+    ``baselines``: methods every other method is compared with, seed by seed (paired 95 % intervals);
+    each one named must have runs (else :class:`UserError`). None = :data:`DEFAULT_BASELINES`, those
+    of them that have runs. A damaged run folder is skipped with a warning.
     """
     if isinstance(dirs, (str, Path)):
         dirs = [dirs]
     dirs = list(dirs)
     if not dirs:
-        raise ValueError("give at least one experiment or run directory")
+        raise UserError("give at least one experiment or run directory")
     runs = find_runs(dirs)
     if not runs:
-        raise FileNotFoundError(f"no finished run (a folder with summary.json) under {', '.join(map(str, dirs))}")
+        raise UserError(f"no finished run (a folder with a valid summary.json) under {', '.join(map(str, dirs))}; "
+                        f"train or sweep into it first (kdarena sweep --out DIR)")
+    baselines = _check_baselines(runs, baselines, dirs)
+    compared = [b for b in baselines if any(r.label == b for r in runs)]  # report.csv's paired columns
     md: list[str] = [LEGEND, ""]
     csv_rows: list[dict[str, Any]] = []
-    sections = _sections(runs)
-    for title, groups in sections:
+    for title, groups in _sections(runs):
         if title is not None:
             md += [f"## {title}", ""]
         all_runs = [r for g in groups.values() for r in g]
@@ -258,6 +289,7 @@ def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None
         if diffs:
             md.append(f"warning: these runs differ beyond the method, so they are not strictly comparable: {'; '.join(diffs)}")
         md.append("")
+        paired = {b: _paired(groups, b) for b in baselines if b in groups}
         base = groups.get("independent")
         header = ["method", "network", "seeds", "last epoch", "Δ last", "@ best val", "Δ @ best val"]
         if best_on_test:
@@ -277,9 +309,9 @@ def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None
                 if best_on_test:
                     row.append(_pm(best_test))
                 rows.append(row)
-                won = sum(int(r.summary.get("perturbed_won", 0)) for r in group)
-                steps = sum(int(r.summary.get("perturbed_steps", 0)) for r in group)
-                share = _values(group, index, "teacher_share") if isinstance(index, int) and group[0].has_teacher else []
+                won, steps = _perturbed(group)
+                teacher = group[0].has_teacher
+                share = _values(group, index, "teacher_share") if isinstance(index, int) and teacher else []
                 record = {
                     "experiment": title or "", "method": label, "settings": _settings(group[0]),
                     "network": name.split(" ")[0], "model": name.split(" ")[1].strip("()") if " " in name else "", "seeds": len(group),
@@ -292,11 +324,13 @@ def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None
                     record["best_test_selected_on_test_std"] = _csv_num(sample_std(best_test))
                 record.update({
                     "teacher_share": _csv_num(mean(share)) if share else "",
-                    "perturbed_won": won if group[0].has_teacher else "", "perturbed_steps": steps if group[0].has_teacher else "",
-                    "perturbed_win_rate": _csv_num(won / steps) if group[0].has_teacher and steps else "",
-                    "wall_seconds": _csv_num(mean([float(r.summary.get("wall_seconds", 0.0)) for r in group]), 1),
-                    "images_per_s": _csv_num(mean([float(r.summary.get("images_per_s", 0.0)) for r in group]), 1),
+                    "perturbed_won": won if teacher else "", "perturbed_steps": steps if teacher else "",
+                    "perturbed_win_rate": _csv_num(won / steps) if teacher and steps else "",
+                    "wall_seconds": _csv_num(_run_mean(group, "wall_seconds"), 1),
+                    "images_per_s": _csv_num(_run_mean(group, "images_per_s"), 1),
                 })
+                for b in compared:
+                    record.update(_paired_columns(b, paired.get(b, {}).get((label, name))))
                 csv_rows.append(record)
         md += _table(header, rows, align_right_from=2)
         md.append("")
@@ -309,29 +343,27 @@ def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None
             n_nets = len(nets)
             if group[0].has_teacher:
                 share = " / ".join(_f(mean(_values(group, i, "teacher_share"))) for i in nets)
-                won = sum(int(r.summary.get("perturbed_won", 0)) for r in group)
-                steps = sum(int(r.summary.get("perturbed_steps", 0)) for r in group)
+                won, steps = _perturbed(group)
                 rate = f"{100.0 * won / steps:.1f}% ({won}/{steps})" if steps else "-"
             else:
                 share, rate = "-", "-"
-            wall = mean([float(r.summary.get("wall_seconds", 0.0)) for r in group])
-            speed = mean([float(r.summary.get("images_per_s", 0.0)) for r in group])
-            rows2.append([label, _settings(group[0]), str(len(group)), share, rate, f"{wall:.1f}", f"{speed:.0f}"])
+            rows2.append([label, _settings(group[0]), str(len(group)), share, rate,
+                          f"{_run_mean(group, 'wall_seconds'):.1f}", f"{_run_mean(group, 'images_per_s'):.0f}"])
         md += _table(header2, rows2, align_right_from=2)
         md += ["", f"Teacher share = fraction of training steps a network was the teacher (CD only). Perturbed net won = "
                    f"fraction of perturbed steps where the network given the perturbed batch became the teacher "
                    f"(chance ≈ 1/{n_nets} = {100.0 / max(n_nets, 1):.0f}%). Wall time = training time summed over epochs (evaluation excluded), mean over seeds; images/s = training images per second (median epoch), mean over seeds.", ""]
-        for baseline in baselines:
-            md += _paired_table(groups, baseline)
+        for b in baselines:
+            md += _paired_table(b, paired[b]) if b in paired else [f"No paired differences vs **{b}** here: no run of {b} in this section.", ""]
     text = "\n".join(md).rstrip() + "\n"
 
     target = Path(out) if out else Path(dirs[0])
     target.mkdir(parents=True, exist_ok=True)
-    (target / "report.md").write_text(text)
     buffer = io.StringIO()
-    fields = list(csv_rows[0].keys()) if csv_rows else []
-    writer = csv.DictWriter(buffer, fieldnames=fields)
+    fields = list(dict.fromkeys(key for row in csv_rows for key in row))  # sections may compare with different baselines
+    writer = csv.DictWriter(buffer, fieldnames=fields, restval="")
     writer.writeheader()
     writer.writerows(csv_rows)
-    (target / "report.csv").write_text(buffer.getvalue())
+    atomic_write_text(target / "report.md", text)
+    atomic_write_text(target / "report.csv", buffer.getvalue())
     return text

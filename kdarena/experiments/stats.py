@@ -62,6 +62,11 @@ class Paired:
     high: float
 
     @property
+    def width(self) -> float:
+        """Upper minus lower end of the interval (NaN without one: fewer than two pairs)."""
+        return self.high - self.low
+
+    @property
     def verdict(self) -> str:
         """'better' / 'worse' when the interval excludes zero, 'n.s.' otherwise, '-' without an interval."""
         if self.n < 2 or math.isnan(self.low):
