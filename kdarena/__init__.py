@@ -21,6 +21,7 @@ from .methods import (
     register_method,
 )
 from .trainer import Trainer, train
+from .deploy import load_model
 
 __all__ = [
     "__version__",
@@ -39,6 +40,7 @@ __all__ = [
     "cross_entropy",
     "feature_l2",
     "kl_to_teacher",
+    "load_model",
     "register_method",
     "train",
 ]

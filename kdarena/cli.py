@@ -1,4 +1,4 @@
-"""Command line: ``kdarena train | eval | models | methods | sweep | report | plot``.
+"""Command line: ``kdarena train | eval | export | predict | models | methods | sweep | report | plot | data``.
 
 Bad input exits with status 2 and a one-line message; ``--debug`` shows the traceback.
 """
@@ -60,6 +60,27 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["test", "val"], default="test")
     ev.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.root=...)")
     ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    export = sub.add_parser("export", help="one network (or the ensemble) of a run as safetensors, TorchScript or ONNX, with a model card")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True, help="the file to write (FILE.card.json and FILE.card.md go beside it)")
+    export.add_argument("--network", default="best", help="best (highest validation top-1), ensemble, or an index (default: best)")
+    export.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    export.add_argument("--format", choices=["safetensors", "torchscript", "onnx"], help="default: from the suffix of --out")
+    export.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. data.root=...)")
+    export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    predict = sub.add_parser("predict", help="classify images with an exported network or a run; accuracy on labelled ones")
+    predict.add_argument("model", help="a safetensors file from kdarena export, or a run folder")
+    predict.add_argument("inputs", nargs="+", help="image files, folders or .tar/.tar.gz/.zip archives")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    predict.add_argument("--batch-size", type=int, default=None, help="default: the run's data.eval_batch_size")
+    predict.add_argument("--workers", type=int, default=1, help="decode processes")
+    predict.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="default: the run's train.precision, as kdarena eval")
+    predict.add_argument("--network", default="best", help="with a run folder: best, ensemble or an index")
+    predict.add_argument("--checkpoint", choices=["best", "last"], default="best", help="with a run folder")
+    predict.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("methods", help="list the registered methods with their papers, options and sweep presets")
@@ -158,6 +179,29 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .deploy.card import card_paths
+    from .deploy.export import export_run
+
+    card = export_run(args.run_dir, args.out, args.network, args.checkpoint, args.format, args.overrides)
+    print(f"{args.out}: {card['network']} ({' + '.join(card['architecture'])}) as {card['format']}, sha256 {card['sha256']}")
+    print(f"model card: {card_paths(args.out)[0]} and {card_paths(args.out)[1]}")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from .deploy.predict import predict, render, summary_line
+
+    result = predict(args.model, args.inputs, args.top_k, args.batch_size, args.workers, args.network,
+                     args.checkpoint, args.precision)
+    for note in result.notes:
+        print(note, file=sys.stderr)
+    print(render(result, args.format))
+    if args.format == "csv":
+        print(summary_line(result), file=sys.stderr)
+    return 0
+
+
 def _cmd_models(args) -> int:
     from . import models
 
@@ -224,7 +268,7 @@ def _cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "models": _cmd_models, "methods": _cmd_methods, "sweep": _cmd_sweep, "report": _cmd_report, "plot": _cmd_plot, "data": _cmd_data}
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "predict": _cmd_predict, "models": _cmd_models, "methods": _cmd_methods, "sweep": _cmd_sweep, "report": _cmd_report, "plot": _cmd_plot, "data": _cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from .config_errors import _FormattedError, _KeyValueError, format_error
+from .config_weights import ModelWeights, split_model_entries
 from .errors import ConfigError
 from .methods import registry as method_registry
 from .methods.base import MethodParams
@@ -185,6 +186,8 @@ class Config(_Section):
     seed: int = Field(0, ge=0, le=2**63 - 1)
     output: str = Field("runs", json_schema_extra=BOOKKEEPING)
     models: list[str] = Field(default_factory=lambda: ["resnet20", "resnet20"], min_length=1)
+    weights: Optional[list[Optional[ModelWeights]]] = Field(None, description="starting weights, one entry (or null) per model; "
+                                                            "also written models: [{name: resnet20, weights: PATH}]")
     data: DataConfig = DataConfig()
     method: SerializeAsAny[MethodParams] = Field(
         default_factory=lambda: method_registry.params_for({}),
@@ -192,6 +195,11 @@ class Config(_Section):
     perturb: PerturbConfig = PerturbConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_entries(cls, raw: Any) -> Any:
+        return split_model_entries(raw)  # models: [{name, weights}] -> models + weights (kdarena.config_weights)
 
     @field_validator("method", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from .compiled import CompiledRunner, compile_mode
 from .distributed import DistInfo
 from .evaluate import resolve_precision
 from .schedule import build_scheduler
+from .weights import load_start_weights
 
 
 @dataclass
@@ -154,6 +155,7 @@ def build_parts(config: Config, device: torch.device, info: DistInfo | None = No
         group.build_adapters(next(iter(data.train.iterate(0, 0)))[0])
     else:
         data, group = build_data_and_group(config, device, info, needs)
+    load_start_weights(config, group)  # the config's per-model weights (engine/weights.py)
     if config.train.sync_batchnorm and info.enabled:
         group = nn.SyncBatchNorm.convert_sync_batchnorm(group)
     method.setup(MethodContext(data.num_classes, data.in_channels, device, list(group.networks),

@@ -65,6 +65,11 @@ def _safe_load(path: Path, map_location: Any) -> Any:
     raise CheckpointError(f"checkpoint {str(path)!r} is unreadable (truncated or corrupt?): {detail}")
 
 
+def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """Any ``.pt`` file (a checkpoint, a plain state_dict) read without running code; :class:`CheckpointError` if refused."""
+    return _safe_load(Path(path), map_location)
+
+
 def _detail(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     useful = [line for line in lines if "WeightsUnpickler error" in line] or lines[:1] or [""]

@@ -1,0 +1,127 @@
+"""What a run hands over: one network of a checkpoint (or the group's ensemble), for inference only.
+
+``--checkpoint best`` is ``checkpoints/best.pt`` (the epoch of the best validation top-1),
+``last`` is ``checkpoints/last.pt``. ``--network best`` is the network with the highest validation
+top-1 at that checkpoint's epoch (ties: the lower index); it is never chosen on the test set, so
+a run without a validation split (``data.val_size=0``) refuses ``best`` for both. The module is
+rebuilt from the registry and the checkpoint's tensors only: no optimizer, no RNG state, no
+feature hooks or adapters; CPU, float32, eval mode, gradients off.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import models
+from ..config import Config, apply_overrides, validate
+from ..data.build import DataBundle, build_data
+from ..engine import checkpoint as ckpt
+from ..engine.runlog import RunDirError, read_metrics
+from ..engine.weights import apply_weights, network_state
+from .errors import ExportError
+
+
+class Ensemble(nn.Module):
+    """The group's ensemble as one module: ``log(mean_i softmax(net_i(x)))``, what ``kdarena eval`` scores."""
+
+    def __init__(self, networks: Sequence[nn.Module]):
+        super().__init__()
+        self.networks = nn.ModuleList(networks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        probs = torch.stack([F.softmax(net(x).float(), dim=1) for net in self.networks]).mean(dim=0)
+        return probs.clamp_min(1e-12).log()
+
+
+@dataclass
+class Selected:
+    """The module to hand over and the facts its model card records."""
+
+    module: nn.Module
+    network: str  # "net1" or "ensemble"
+    indices: list[int]
+    architecture: list[str]
+    config: Config
+    checkpoint: Path
+    epoch: int
+    mid_epoch: bool
+    data: DataBundle
+    accuracy: dict[str, Any] = field(default_factory=dict)
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    return [r for r in read_metrics(run_dir) if "net0/test_top1" in r]
+
+
+def _network_index(choice: str, n: int, record: dict[str, Any] | None, has_val: bool, checkpoint: Path) -> list[int]:
+    if choice == "ensemble":
+        return list(range(n))
+    if choice == "best":
+        if not has_val:
+            raise ExportError("--network best: the run has no validation split (data.val_size=0), and best is never chosen "
+                              "on the test set; give --network INDEX or --network ensemble")
+        if record is None or "net0/val_top1" not in record:
+            raise ExportError(f"--network best: the weights in {checkpoint} were never evaluated (a mid-epoch checkpoint); "
+                              "give --network INDEX, or --checkpoint best")
+        scores = [record[f"net{i}/val_top1"] for i in range(n)]
+        return [scores.index(max(scores))]
+    try:
+        index = int(choice)
+    except ValueError:
+        raise ExportError(f"--network {choice!r}: give best, ensemble or a network index 0..{n - 1}") from None
+    if not 0 <= index < n:
+        raise ExportError(f"--network {index}: the run has {n} network(s), 0..{n - 1}")
+    return [index]
+
+
+def _accuracy(records: list[dict[str, Any]], key: str, record: dict[str, Any] | None) -> dict[str, Any]:
+    """Top-1/top-5 (val and test) of ``key`` at the exported weights, the last epoch and the best-val epoch."""
+    def row(r: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"epoch": r["epoch"] + 1}  # epochs completed, as a checkpoint counts them
+        out.update({f"{split}_{m}": r[f"{key}/{split}_{m}"] for split in ("val", "test") for m in ("top1", "top5")
+                    if f"{key}/{split}_{m}" in r})
+        return out
+
+    if not records:
+        return {}
+    out = {"selected_on": "val" if "net0/val_top1" in records[-1] else None, "last": row(records[-1])}
+    if out["selected_on"]:
+        out["best_val"] = row(max(records, key=lambda r: r[f"{key}/val_top1"]))
+    out["exported_weights"] = row(record) if record is not None else None
+    return out
+
+
+def open_run(run_dir: str | Path, checkpoint: str = "best", network: str = "best", overrides: Sequence[str] = ()) -> Selected:
+    """The network (or ensemble) of ``run_dir`` to export or predict with; :class:`ExportError` and kin for bad input."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoints").is_dir():
+        raise RunDirError(f"{run_dir} is not a kdarena run (no config.yaml and checkpoints/); give a folder written by kdarena train")
+    if checkpoint not in ("best", "last"):
+        raise ExportError(f"--checkpoint {checkpoint!r}: give best or last")
+    records = _records(run_dir)
+    has_val = bool(records) and "net0/val_top1" in records[-1]
+    if checkpoint == "best" and records and not has_val:
+        raise ExportError(f"--checkpoint best: {run_dir} has no validation split (data.val_size=0), so its best.pt was chosen "
+                          "on the test set; use --checkpoint last")
+    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    state = ckpt.load(path, required=ckpt.EVAL_KEYS)
+    config = validate(apply_overrides(state["config"], list(overrides)))
+    epoch, mid_epoch = int(state["epoch"]), bool(state.get("batch_in_epoch", 0))
+    record = next((r for r in records if r["epoch"] + 1 == epoch), None) if not mid_epoch else None
+    indices = _network_index(network, len(config.models), record, has_val, path)
+    data = build_data(config, torch.device("cpu"))
+    nets = []
+    for i in indices:
+        net = models.create(config.models[i], num_classes=data.num_classes, in_channels=data.in_channels)
+        apply_weights(net, network_state(state["group"], i, config.models, str(path)), where=f"{path} network {i}")
+        nets.append(net)
+    module = Ensemble(nets) if network == "ensemble" else nets[0]
+    module.eval().requires_grad_(False)
+    name = f"net{indices[0]}" if network != "ensemble" else "ensemble"
+    return Selected(module, name, indices, [config.models[i] for i in indices], config, path, epoch, mid_epoch, data,
+                    _accuracy(records, name, record))
