@@ -92,7 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", default="0,1,2")
     sweep.add_argument("--jobs", type=int, default=1, help="runs trained at once in separate processes (each gets cores/jobs threads "
                        "unless train.threads is set); several small runs fill a GPU")
-    sweep.add_argument("--out", help="experiment directory (default: OUTPUT/NAME-sweep)")
+    sweep.add_argument("--out", help="experiment directory (default: OUTPUT/NAME-sweep); with --engine ray a folder every node sees")
+    sweep.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="where the runs train: local (this machine, --jobs at once) or ray (a Ray cluster; pip install 'kdarena[ray]')")
+    sweep.add_argument("--address", help="--engine ray: the cluster to join (auto, HOST:PORT, ray://HOST:10001); default: Ray embedded here")
+    sweep.add_argument("--gpus-per-run", type=float, help="--engine ray: GPUs each run asks for (0.25: four runs share a GPU); default 1 for a CUDA run")
     sweep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     report = sub.add_parser("report", help="tables of mean +- std over seeds from experiment directories")
@@ -234,7 +238,8 @@ def _cmd_methods(args) -> int:
 def _cmd_sweep(args) -> int:
     from .experiments.sweep import run_sweep
 
-    run_sweep(args.config, args.overrides, args.methods, args.seeds, args.out, jobs=args.jobs)
+    run_sweep(args.config, args.overrides, args.methods, args.seeds, args.out, jobs=args.jobs, engine=args.engine,
+              address=args.address, gpus_per_run=args.gpus_per_run)
     return 0
 
 

@@ -10,14 +10,17 @@
   preset and extras, then ``seed``. So a method always means the same thing.
 * Finished runs (``summary.json``) are skipped, unfinished ones (``checkpoints/last.pt``)
   resumed, the rest started. A run made with a different config is never silently reused.
-* ``DIR/sweep.json`` lists every run with its status; it is rewritten after every run.
+* ``DIR/sweep.json`` lists every run with its status, wall time and the node (and GPU) it ran on;
+  it is rewritten after every run.
+* ``--engine`` says where the runs train: ``local`` (this machine, ``--jobs`` at once) or ``ray``
+  (a Ray cluster, :mod:`.ray_engine`); everything above is the same for both.
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
-import time
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +28,8 @@ from typing import Any, Sequence
 from .. import config as cfg
 from ..methods import registry as method_registry
 from ..engine.runlog import write_json
+from ..errors import UserError
+from .run_task import next_action
 
 log = logging.getLogger("kdarena")
 
@@ -37,7 +42,7 @@ _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _SEED_SUFFIX = re.compile(r"-seed\d+$")
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep cannot run as asked, or some of its runs failed; the message says which."""
 
 
@@ -56,6 +61,8 @@ class RunPlan:
     status: str = "pending"
     seconds: float = 0.0
     error: str | None = None
+    node: str | None = None  # the host (local engine) or Ray node id it trained on
+    gpu: str | None = None  # the GPU ids Ray gave it
 
     @property
     def name(self) -> str:
@@ -64,8 +71,7 @@ class RunPlan:
     def record(self) -> dict[str, Any]:
         out = {"label": self.label, "seed": self.seed, "run_dir": str(self.run_dir), "status": self.status,
                "seconds": round(self.seconds, 2)}
-        if self.error:
-            out["error"] = self.error
+        out.update({key: value for key, value in (("node", self.node), ("gpu", self.gpu), ("error", self.error)) if value})
         return out
 
 
@@ -191,10 +197,13 @@ def _write_index(exp_dir: Path, config_path, overrides, specs: list[MethodSpec],
             old = json.loads(path.read_text())
         except ValueError:
             old = {}
-    runs = {(p.label, p.seed): p.record() for p in plans}  # this sweep's runs first, then older ones
-    for r in old.get("runs", []):
-        if isinstance(r, dict):
-            runs.setdefault((r.get("label"), r.get("seed")), r)
+    previous = {(r.get("label"), r.get("seed")): r for r in old.get("runs", []) if isinstance(r, dict)}
+    runs = {}  # this sweep's runs first, then older ones
+    for p in plans:
+        kept = previous.get((p.label, p.seed), {}) if p.status == "skipped" else {}  # where and how long it trained
+        runs[(p.label, p.seed)] = {**p.record(), **{k: kept[k] for k in ("seconds", "node", "gpu") if k in kept}}
+    for key, r in previous.items():
+        runs.setdefault(key, r)
     methods = {s.label: {"label": s.label, "overrides": s.overrides} for s in specs}
     for m in old.get("methods", []):
         if isinstance(m, dict):
@@ -217,43 +226,49 @@ def _accuracies(summary: dict[str, Any]) -> str:
     return f"; last test top-1 {accs}" + (f" (ensemble {ens:.2f})" if ens is not None and len(nets) > 1 else "")
 
 
-def _train_plan(config: dict[str, Any], run_dir: str, resume: bool, force: bool) -> dict[str, Any]:
-    """One run in a worker process (``--jobs``): the summary, or the error as text (exceptions do not pickle well)."""
-    from ..trainer import train
-
-    try:
-        return {"summary": train(cfg.validate(config), run_dir=run_dir, resume=resume, force=force)}
-    except Exception as error:  # reported by the parent like an in-process failure
-        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+ENGINES = ("local", "ray")
 
 
-def _threads_per_job(plan: RunPlan, jobs: int) -> None:
-    """Parallel runs share the cores: unless the config says otherwise, each gets cores // jobs threads
-    (two processes spinning two OpenMP threads each on two cores run many times slower, not twice)."""
-    if jobs > 1 and plan.config.train.threads is None:
-        import os
+def make_engine(engine: str = "local", jobs: int = 1, address: str | None = None, gpus_per_run: float | None = None):
+    """Where the runs execute: ``local`` (this machine: one by one, or ``jobs`` at once) or ``ray`` (a Ray cluster)."""
+    if engine == "local":
+        if address is not None or gpus_per_run is not None:
+            raise SweepError("--address and --gpus-per-run are the Ray engine's; add --engine ray")
+        if jobs < 1:
+            raise SweepError(f"--jobs must be >= 1, got {jobs}")
+        from .local_engine import LocalEngine
 
-        plan.config.train.threads = max(1, (os.cpu_count() or 1) // jobs)
+        return LocalEngine(jobs)
+    if engine == "ray":
+        if jobs != 1:
+            raise SweepError("--jobs is the local engine's; with --engine ray as many runs train at once as the cluster "
+                             "has resources for (set train.threads, --gpus-per-run)")
+        from .ray_engine import RayEngine
+
+        return RayEngine(address, gpus_per_run)
+    raise SweepError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
 
 
 def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = None,
               methods: str | Sequence[str] = "independent,dml,cd", seeds: str | Sequence[int] = "0,1,2",
-              out: str | Path | None = None, jobs: int = 1) -> list[dict[str, Any]]:
+              out: str | Path | None = None, jobs: int = 1, engine: str = "local", address: str | None = None,
+              gpus_per_run: float | None = None) -> list[dict[str, Any]]:
     """Run every method x seed into one experiment directory; returns the ``sweep.json`` run records.
 
-    ``jobs > 1`` trains that many runs at once in separate processes (several small runs fill a GPU,
-    or the cores of a CPU better than one run does); results are the same as one by one.
+    The plan (which runs, skipped / resumed / restarted, the index, the lines printed) is made here;
+    ``engine`` only says where each run trains (:func:`make_engine`). ``jobs > 1`` trains that many
+    runs at once in separate processes; results are the same as one by one, and as on Ray.
     """
-    from ..engine.distributed import from_environment
-    from ..trainer import Interrupted, train
+    from tqdm.auto import tqdm
 
-    if jobs < 1:
-        raise SweepError(f"--jobs must be >= 1, got {jobs}")
+    from ..engine.distributed import from_environment
+
+    executor = make_engine(engine, jobs, address, gpus_per_run)
     exp_dir, plans = plan_sweep(config_path, overrides, methods, seeds, out)
     specs, seed_list = parse_methods(methods), parse_seeds(seeds)
     info = from_environment()
-    if jobs > 1 and info.enabled:
-        raise SweepError("--jobs > 1 runs several single-process runs; do not start it with torchrun")
+    if info.enabled and (jobs > 1 or engine != "local"):
+        raise SweepError("--jobs > 1 and --engine ray run single-process runs; do not start them with torchrun")
     main = info.is_main  # under torchrun every rank runs the sweep; rank 0 writes and prints
 
     def index() -> None:
@@ -262,7 +277,7 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
 
     def say(text: str) -> None:
         if main:
-            print(text, flush=True)
+            tqdm.write(text, file=sys.stdout)  # above the progress bar
 
     # Refuse stale runs before training anything.
     for plan in plans:
@@ -276,8 +291,9 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
         exp_dir.mkdir(parents=True, exist_ok=True)
     index()
     total = len(plans)
-    todo = []
-    for k, plan in enumerate(plans, 1):
+    number = {plan.name: k for k, plan in enumerate(plans, 1)}
+    todo: dict[str, RunPlan] = {}
+    for plan in plans:
         summary_path = plan.run_dir / "summary.json"
         if summary_path.is_file():
             plan.status = "skipped"
@@ -285,59 +301,49 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
                 summary = json.loads(summary_path.read_text())
             except ValueError:
                 summary = {}
-            say(f"[{k}/{total}] {plan.name}: skipped (finished){_accuracies(summary)}")
+            say(f"[{number[plan.name]}/{total}] {plan.name}: skipped (finished){_accuracies(summary)}")
             index()
             continue
-        resume = (plan.run_dir / "checkpoints" / "last.pt").is_file()
-        occupied = plan.run_dir.exists() and any(plan.run_dir.iterdir())
-        action = "resumed" if resume else ("restarted" if occupied else "trained")
-        if action == "restarted":
+        if next_action(plan.run_dir) == "restarted":
             log.warning("%s holds an unfinished run without a checkpoint; it is moved aside and started afresh", plan.run_dir)
-        _threads_per_job(plan, jobs)
-        todo.append((k, plan, action))
+        executor.prepare(plan.config)
+        todo[plan.name] = plan
 
-    def finish(k: int, plan: RunPlan, action: str, start: float, summary: dict[str, Any] | None, error: str | None) -> None:
-        head = f"[{k}/{total}] {plan.name}:"
-        plan.seconds = time.perf_counter() - start
-        if error is not None:  # one failed run must not cost the others
-            plan.status, plan.error = "failed", error
-            log.error("%s failed: %s", plan.name, plan.error)
+    bar = tqdm(total=total, initial=total - len(todo), unit="run", desc="sweep", dynamic_ncols=True,
+               disable=None if main and todo else True)  # None: shown on a terminal only
+
+    def finish(name: str, outcome: dict[str, Any]) -> None:
+        plan = todo[name]
+        head = f"[{number[name]}/{total}] {name}:"
+        plan.seconds, plan.node, plan.gpu = outcome.get("seconds", 0.0), outcome.get("node"), outcome.get("gpu")
+        if "interrupted" in outcome:
+            plan.status, plan.error = "interrupted", outcome["interrupted"]
+            index()
+            say(f"{head} interrupted; run the same sweep again to resume")
+            raise KeyboardInterrupt(plan.error)
+        if "error" in outcome:  # one failed run must not cost the others
+            plan.status, plan.error = "failed", outcome["error"]
+            log.error("%s failed: %s", name, plan.error)
             say(f"{head} FAILED ({plan.error})")
         else:
+            summary, action = outcome["summary"], outcome["action"]
             plan.status = action if summary.get("networks") else ("stopped" if "stopped_at_step" in summary else action)
-            say(f"{head} {plan.status} in {plan.seconds:.1f} s{_accuracies(summary)}")
+            where = f" on {outcome['node_ip']} ({plan.node[:12]})" if outcome.get("node_ip") else ""
+            say(f"{head} {plan.status} in {plan.seconds:.1f} s{where}{_accuracies(summary)}")
+        bar.update(1)
         index()
 
-    if jobs > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        start = time.perf_counter()
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_train_plan, cfg.to_dict(plan.config), str(plan.run_dir), action == "resumed",
-                                   action == "restarted"): (k, plan, action) for k, plan, action in todo}
-            for future in as_completed(futures):
-                k, plan, action = futures[future]
-                result = future.result()
-                finish(k, plan, action, start, result.get("summary"), result.get("error"))
-    for k, plan, action in todo if jobs == 1 else []:
-        log.info("[%d/%d] %s: %s -> %s", k, total, plan.name, "resuming" if action == "resumed" else "starting", plan.run_dir)
-        start = time.perf_counter()
-        try:
-            summary = train(plan.config, run_dir=plan.run_dir, resume=action == "resumed", force=action == "restarted")
-        except Interrupted as stop:
-            plan.status, plan.seconds, plan.error = "interrupted", time.perf_counter() - start, str(stop)
-            index()
-            say(f"[{k}/{total}] {plan.name}: interrupted; run the same sweep again to resume")
-            raise KeyboardInterrupt(str(stop)) from None
-        except KeyboardInterrupt:
-            plan.status, plan.seconds = "interrupted", time.perf_counter() - start
-            index()
-            raise
-        except Exception as error:
-            finish(k, plan, action, start, None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-        else:
-            finish(k, plan, action, start, summary, None)
+    try:
+        executor.run(exp_dir, [(name, plan.config, plan.run_dir) for name, plan in todo.items()], finish)
+    except KeyboardInterrupt:
+        for plan in todo.values():
+            if plan.status == "pending":
+                plan.status = "interrupted"
+        index()
+        say(f"sweep interrupted; the same command again skips the finished runs and resumes the others ({exp_dir})")
+        raise
+    finally:
+        bar.close()
     failed = [p for p in plans if p.status == "failed"]
     say(f"sweep: {total - len(failed)}/{total} runs ok in {exp_dir}; tables: kdarena report {exp_dir}")
     if failed:

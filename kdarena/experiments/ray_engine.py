@@ -1,0 +1,174 @@
+"""The sweep on a Ray cluster (``kdarena sweep ... --engine ray [--address ADDR]``): each run one Ray task.
+
+* Without an address Ray starts embedded on this machine (listening on the loopback address only); with
+  one (``auto``, ``HOST:PORT``, ``ray://HOST:10001``) the sweep joins that cluster and leaves it running.
+* A task asks for what its run's config says: ``num_cpus`` = ``train.threads`` (1 when unset, and the run
+  then uses 1 thread), ``num_gpus`` = 1 for a CUDA run, or ``--gpus-per-run F`` (e.g. 0.25: four small
+  runs share one GPU; it also puts ``train.device=auto`` runs on a GPU).
+* Run directories are written by the workers, so ``--out`` must be a folder every node sees (NFS,
+  Lustre, a shared volume): a probe task on each node checks that before anything trains.
+* A lost node (or a worker stopped by SIGTERM, e.g. a preempted machine) fails the task with a system
+  error and Ray runs it again elsewhere (up to :data:`RETRIES` times); the run resumes from the last
+  checkpoint in its folder (see :mod:`.run_task`). A run that fails by itself returns its error as data:
+  recorded as failed, never retried.
+* Ctrl-C cancels the sweep's tasks (each checkpoints if it can); the same command again skips finished
+  runs and resumes the others.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .. import config as cfg
+from ..errors import UserError
+from .run_task import error_text, execute_run
+
+#: times Ray runs a task again after its node or worker died (a run's own failure is never retried)
+RETRIES = 3
+#: seconds to wait for cancelled tasks to checkpoint and stop before their workers are killed
+CANCEL_GRACE_S = 30.0
+
+
+class RayEngineError(UserError):
+    """Ray is missing, or the cluster cannot run this sweep (a node cannot see --out)."""
+
+
+class RunStopped(Exception):
+    """A run stopped by a signal on its node (it checkpointed first): Ray retries it, elsewhere if the node goes."""
+
+
+def import_ray(embedded: bool = False):
+    """``ray``, or a one-line error naming the extra that installs it."""
+    if embedded:
+        # An embedded Ray serves this process only: keep it on the loopback address (Ray reads this when imported).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        import ray
+    except ImportError as error:
+        raise RayEngineError(f"--engine ray needs Ray: pip install 'kdarena[ray]' ({error})") from None
+    return ray
+
+
+def _run_on_node(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """The Ray task: one run, plus the node (and GPUs) Ray gave it."""
+    import ray
+
+    outcome = execute_run(config, run_dir)
+    if "interrupted" in outcome:
+        raise RunStopped(outcome["interrupted"])
+    context = ray.get_runtime_context()
+    outcome["node"] = context.get_node_id()
+    outcome["node_ip"] = ray.util.get_node_ip_address()
+    gpus = context.get_accelerator_ids().get("GPU") or []
+    if gpus:
+        outcome["gpu"] = ",".join(str(g) for g in gpus)
+    return outcome
+
+
+def _probe(path: str, token: str) -> str | None:
+    """On one node: None if the token the driver wrote into ``path`` reads back, else why not."""
+    try:
+        found = Path(path).read_text()
+    except OSError as error:
+        return error_text(error)
+    return None if found == token else "another file is at that path there (not the same folder)"
+
+
+class RayEngine:
+    name = "ray"
+
+    def __init__(self, address: str | None = None, gpus_per_run: float | None = None):
+        if gpus_per_run is not None and not (0 < gpus_per_run <= 1 or float(gpus_per_run).is_integer()):
+            raise RayEngineError(f"--gpus-per-run must be a fraction in (0, 1] or a whole number of GPUs, got {gpus_per_run}")
+        self.address = address
+        self.gpus_per_run = gpus_per_run
+        self.ray = import_ray(embedded=address is None)  # fails before anything is planned or trained
+
+    def prepare(self, config: cfg.Config) -> None:
+        """One thread unless the config says otherwise (the task asks Ray for as many CPUs); no per-epoch bars
+        from workers whose output Ray forwards to this terminal."""
+        if config.train.threads is None:
+            config.train.threads = 1
+        config.train.progress = False
+
+    def resources(self, config: cfg.Config) -> dict[str, float]:
+        device = config.train.device
+        gpus = 0.0
+        if device.startswith("cuda"):
+            gpus = self.gpus_per_run or 1.0
+        elif device == "auto" and self.gpus_per_run:
+            gpus = self.gpus_per_run
+        return {"num_cpus": float(config.train.threads or 1), "num_gpus": gpus}
+
+    def _connect(self) -> bool:
+        """Start or join Ray; True when this sweep started it (and so shuts it down)."""
+        ray = self.ray
+        if ray.is_initialized():
+            return False
+        if self.address is None:
+            ray.init(include_dashboard=False, configure_logging=False)
+        else:
+            ray.init(address=self.address, configure_logging=False)
+        return True
+
+    def check_storage(self, exp_dir: Path) -> None:
+        """Every node that can run a task reads back a file written here, or the sweep stops naming the node."""
+        ray = self.ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        probe_path = exp_dir / f".storage-probe-{uuid.uuid4().hex}"
+        token = uuid.uuid4().hex
+        probe_path.write_text(token)
+        try:
+            nodes = [n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU", 0) > 0 or n["Resources"].get("GPU", 0) > 0)]
+            task = ray.remote(_probe)
+            refs = [task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                    .remote(str(probe_path), token) for n in nodes]
+            for node, problem in zip(nodes, ray.get(refs)):
+                if problem:
+                    raise RayEngineError(
+                        f"--out {exp_dir} is not visible from Ray node {node['NodeManagerAddress']} ({node['NodeID'][:12]}): "
+                        f"{problem}; --out must be a folder every node sees (NFS, Lustre, a shared volume)")
+        finally:
+            probe_path.unlink(missing_ok=True)
+
+    def run(self, exp_dir: Path, runs: Sequence[tuple[str, cfg.Config, Path]], done: Callable[[str, dict[str, Any]], None]) -> None:
+        """Train ``(name, config, run_dir)`` each as a Ray task; ``done(name, outcome)`` as each finishes."""
+        if not runs:
+            return
+        ray = self.ray
+        started = self._connect()
+        try:
+            exp_dir = exp_dir.resolve()  # the workers' working directory is not ours
+            self.check_storage(exp_dir)
+            task = ray.remote(_run_on_node)
+            pending = {task.options(max_retries=RETRIES, retry_exceptions=[RunStopped], **self.resources(config))
+                       .remote(cfg.to_dict(config), str(run_dir.resolve())): name for name, config, run_dir in runs}
+            try:
+                while pending:
+                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    name = pending.pop(ready[0])
+                    try:
+                        outcome = ray.get(ready[0])
+                    except ray.exceptions.RayError as error:  # retries used up (lost nodes, a crashed worker)
+                        outcome = {"error": error_text(error)}
+                    done(name, outcome)
+            except KeyboardInterrupt:
+                self._cancel(list(pending))
+                raise
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _cancel(self, refs: list) -> None:
+        """Cancel the unfinished tasks: first as Ctrl-C (the trainer checkpoints and stops), then by force."""
+        ray = self.ray
+        for ref in refs:
+            ray.cancel(ref)
+        _, alive = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S) if refs else ([], [])
+        for ref in alive:
+            ray.cancel(ref, force=True)
+        if alive:
+            ray.wait(alive, num_returns=len(alive), timeout=CANCEL_GRACE_S)

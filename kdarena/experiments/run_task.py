@@ -1,0 +1,53 @@
+"""One run of a sweep, wherever an engine puts it (this process, a pool worker, a Ray task on another node).
+
+The run decides how to start from its own directory when it starts, not when the sweep was planned:
+a run retried on a second node after the first was lost finds the checkpoint the first one wrote and
+resumes from it instead of starting again at epoch 0.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import config as cfg
+
+log = logging.getLogger("kdarena")
+
+
+def next_action(run_dir: Path) -> str:
+    """How an unfinished run starts now: ``resumed`` from its last checkpoint, ``restarted`` (a folder holding
+    a run without a checkpoint is moved aside, never deleted) or ``trained`` from scratch."""
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        return "resumed"
+    return "restarted" if run_dir.exists() and any(run_dir.iterdir()) else "trained"
+
+
+def error_text(error: BaseException) -> str:
+    """``Type: first line of the message`` (what the sweep prints and writes into its index)."""
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def execute_run(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """Train one run; returns its outcome as plain data, which crosses process and node boundaries
+    (exceptions, with their tracebacks and types, do not always): exactly one of ``summary``, ``error``
+    (the run failed by itself: a bad config, a non-finite stop) or ``interrupted`` (SIGINT/SIGTERM; the
+    run checkpointed first), and ``action`` (resumed/restarted/trained), ``seconds`` (wall time), ``node``."""
+    from ..trainer import Interrupted, train
+
+    path = Path(run_dir)
+    action = next_action(path)
+    outcome: dict[str, Any] = {"action": action, "node": platform.node()}
+    log.info("%s: %s -> %s", path.name, "resuming" if action == "resumed" else "starting", path)
+    start = time.perf_counter()
+    try:
+        outcome["summary"] = train(cfg.validate(config), run_dir=path, resume=action == "resumed", force=action == "restarted")
+    except Interrupted as stop:
+        outcome["interrupted"] = str(stop)
+    except Exception as error:  # one failed run must not cost the others
+        outcome["error"] = error_text(error)
+    outcome["seconds"] = time.perf_counter() - start
+    return outcome

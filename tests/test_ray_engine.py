@@ -1,0 +1,210 @@
+"""``kdarena sweep --engine ray`` on a real Ray, all on this machine's loopback address, no mocks.
+
+* embedded Ray: the same per-run summaries as the local engine (same seeds, one thread a run);
+* a ``ray.cluster_utils.Cluster`` (a head with 0 CPUs, two worker nodes of 1 CPU): the runs spread over
+  both nodes; a node removed while its run trains: the run is retried on the other node and resumes from
+  its checkpoint (not from epoch 0), with the results of an undisturbed sweep; the driver interrupted
+  (SIGINT) mid-sweep, then the same sweep again: finished runs skipped, the rest resumed;
+* no Ray installed: one line naming the extra, exit 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Before Ray is imported: every node and driver of these tests on 127.0.0.1 (Ray otherwise picks the
+# machine's outward address).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+from kdarena import cli  # noqa: E402
+from kdarena import config as cfg  # noqa: E402
+from kdarena.errors import UserError  # noqa: E402
+from kdarena.experiments.sweep import SweepError, run_sweep  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = {"models": ["convnet", "convnet"], "data": {"name": "digits", "val_size": 200, "batch_size": 128},
+        "perturb": {"enabled": False}, "train": {"progress": False, "tensorboard": False, "threads": 1}}
+#: long enough to lose a node or the driver mid-run (a checkpoint every epoch), short enough for a test
+EPOCHS = 10
+#: what may differ between two runs of the same config: timings, paths and bookkeeping settings
+TIMING = ("wall_seconds", "images_per_s", "run_dir")
+
+
+def _config(tmp: Path, epochs: int) -> Path:
+    path = tmp / f"digits-e{epochs}.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "name": "ray", "output": str(tmp), "optim": {"epochs": epochs}}))
+    return path
+
+
+def comparable(run_dir: Path) -> dict:
+    """A run's summary without what two identical runs may differ in (wall time, paths, bookkeeping keys)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ignored = cfg.marked_keys("bookkeeping")
+    summary["config"] = {k: v for k, v in cfg.flatten(summary["config"]).items() if k not in ignored}
+    return {k: v for k, v in summary.items() if k not in TIMING}
+
+
+def _runs(exp: Path) -> dict[str, dict]:
+    return {f"{r['label']}-seed{r['seed']}": r for r in json.loads((exp / "sweep.json").read_text())["runs"]}
+
+
+def _epochs(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _driver(config: Path, exp: Path, address: str, methods: str, seeds: str) -> subprocess.Popen:
+    """``kdarena sweep ... --engine ray --address ADDR`` in its own process (what a user starts)."""
+    return subprocess.Popen([sys.executable, "-m", "kdarena.cli", "sweep", str(config), "--methods", methods, "--seeds", seeds,
+                             "--engine", "ray", "--address", address, "--out", str(exp)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the sweep ended (rc {process.returncode}) before the test could interrupt it:\n{process.stdout.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("timed out waiting for the sweep")
+        time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------- without Ray
+def test_engine_ray_without_ray_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError, as where it is not installed
+    rc = cli.main(["sweep", str(_config(tmp_path, 1)), "--methods", "dml", "--seeds", "0", "--engine", "ray", "--out", str(tmp_path / "exp")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "--engine ray needs Ray: pip install 'kdarena[ray]'" in err[0]
+    assert not (tmp_path / "exp").exists()  # nothing planned, nothing written
+
+
+def test_engine_options_are_checked():
+    with pytest.raises(SweepError, match="--address and --gpus-per-run are the Ray engine's"):
+        run_sweep(None, [], "dml", "0", None, address="auto")
+    with pytest.raises(SweepError, match="--jobs is the local engine's"):
+        run_sweep(None, [], "dml", "0", None, jobs=2, engine="ray")
+    with pytest.raises(UserError, match="--gpus-per-run must be"):
+        run_sweep(None, [], "dml", "0", None, engine="ray", gpus_per_run=1.5)
+
+
+# ----------------------------------------------------------------------------- embedded Ray
+def test_embedded_ray_gives_the_local_engines_summaries(tmp_path, capsys):
+    pytest.importorskip("ray")
+    config = _config(tmp_path, 1)
+    local = run_sweep(config, [], "independent,dml", "0,1", tmp_path / "local")
+    on_ray = run_sweep(config, [], "independent,dml", "0,1", tmp_path / "ray", engine="ray")
+    assert [r["status"] for r in on_ray] == [r["status"] for r in local] == ["trained"] * 4
+    for record in on_ray:
+        name = Path(record["run_dir"]).name
+        assert comparable(tmp_path / "ray" / name) == comparable(tmp_path / "local" / name), name
+    index = _runs(tmp_path / "ray")
+    assert all(len(r["node"]) == 56 and r["seconds"] > 0 for r in index.values())  # a Ray node id (hex) and the wall time
+    assert len({r["node"] for r in index.values()}) == 1  # embedded: one node
+    capsys.readouterr()
+    assert cli.main(["report", str(tmp_path / "ray")]) == 0
+    assert "| dml " in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- a cluster on this machine
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    # a lost node is noticed within about a second (the default waits ~15 s of missed health checks)
+    system = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": system})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    try:
+        yield cluster, workers
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def undisturbed(cluster, tmp_path_factory):
+    """Two runs of EPOCHS epochs on the two-node cluster, nothing lost."""
+    tmp = tmp_path_factory.mktemp("undisturbed")
+    config = _config(tmp, EPOCHS)
+    records = run_sweep(config, [], "independent,dml", "0", tmp / "exp", engine="ray", address=cluster[0].address)
+    return {"tmp": tmp, "config": config, "exp": tmp / "exp", "records": records}
+
+
+def test_the_sweep_spreads_over_both_nodes(cluster, undisturbed):
+    _, workers = cluster
+    index = _runs(undisturbed["exp"])
+    assert {r["status"] for r in index.values()} == {"trained"}
+    assert {r["node"] for r in index.values()} == {w.node_id for w in workers}  # one run on each worker node
+    for name in index:
+        assert _epochs(undisturbed["exp"] / name) == list(range(EPOCHS))
+
+
+def test_a_lost_node_costs_its_run_no_epochs(cluster, undisturbed, tmp_path):
+    """A worker node removed while both runs train: its run goes to the other node and resumes from its checkpoint."""
+    ray_cluster, workers = cluster
+    exp = tmp_path / "exp"
+    driver = _driver(undisturbed["config"], exp, ray_cluster.address, "independent,dml", "0")
+    names = ["independent-seed0", "dml-seed0"]
+    # both runs have finished an epoch (and checkpointed) and neither is done: each is training on its own node
+    _wait_for(lambda: all(len(_epochs(exp / n)) >= 1 for n in names), driver)
+    assert not any((exp / n / "summary.json").exists() for n in names)
+    lost, survivor = workers
+    ray_cluster.remove_node(lost, allow_graceful=False)
+    output = driver.communicate(timeout=180)[0]
+    assert driver.returncode == 0, output
+    workers[:] = [survivor, ray_cluster.add_node(num_cpus=1)]  # two worker nodes again for the next test
+    ray_cluster.wait_for_nodes()
+
+    index = _runs(exp)
+    assert {r["node"] for r in index.values()} == {survivor.node_id}  # the retried run finished on the other node
+    resumed = [n for n in names if (exp / n / "resumes.jsonl").is_file()]
+    assert len(resumed) == 1 and index[resumed[0]]["status"] == "resumed", (index, output)
+    history = [json.loads(line) for line in (exp / resumed[0] / "resumes.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and history[0]["step"] > 0  # from its checkpoint, not from epoch 0
+    for name in names:
+        assert _epochs(exp / name) == list(range(EPOCHS))  # each epoch once: none trained twice into the log
+        assert comparable(exp / name) == comparable(undisturbed["exp"] / name), name
+
+
+def test_an_interrupted_driver_then_the_same_sweep_resumes(cluster, undisturbed, tmp_path):
+    """SIGINT to the driver once one run has finished and another has checkpointed; then the same sweep again."""
+    ray_cluster, _ = cluster
+    exp = tmp_path / "exp"
+    names = [f"{m}-seed{s}" for s in (0, 1) for m in ("independent", "dml")]
+    driver = _driver(undisturbed["config"], exp, ray_cluster.address, "independent,dml", "0,1")
+    done = lambda: [n for n in names if (exp / n / "summary.json").is_file()]  # noqa: E731
+    # the driver has recorded a finished run, and another run has checkpointed but not finished
+    recorded = lambda: (exp / "sweep.json").is_file() and "trained" in {r["status"] for r in _runs(exp).values()}  # noqa: E731
+    _wait_for(lambda: recorded() and any(_epochs(exp / n) and n not in done() for n in names), driver)
+    driver.send_signal(signal.SIGINT)
+    output = driver.communicate(timeout=120)[0]
+    assert driver.returncode == 130, output
+    finished = done()
+    checkpointed = [n for n in names if n not in finished and (exp / n / "checkpoints" / "last.pt").is_file()]
+    assert finished and checkpointed, output
+    assert "interrupted" in {r["status"] for r in _runs(exp).values()}
+
+    records = run_sweep(undisturbed["config"], [], "independent,dml", "0,1", exp, engine="ray", address=ray_cluster.address)
+    status = {f"{r['label']}-seed{r['seed']}": r["status"] for r in records}
+    assert {n for n, s in status.items() if s == "skipped"} == set(finished)
+    assert all(status[n] == "resumed" for n in checkpointed), status
+    for name in names:
+        assert _epochs(exp / name) == list(range(EPOCHS))
+    for name in ("independent-seed0", "dml-seed0"):  # the undisturbed sweep's runs, whatever happened to these
+        assert comparable(exp / name) == comparable(undisturbed["exp"] / name), name
