@@ -73,20 +73,22 @@ def log_softmax_at(logits: Tensor, temperature: float) -> Tensor:
     return F.log_softmax(upcast(logits) / temperature, dim=-1)
 
 
-def soft_kl(student_logp: Tensor, teacher_logp: Tensor, temperature: float) -> Tensor:
-    """KL(p_t || p_s) * tau^2 from log-probabilities at temperature tau, the teacher detached.
+def soft_kl(student_logp: Tensor, teacher_logp: Tensor, temperature: float, teacher_grad: bool = False) -> Tensor:
+    """KL(p_t || p_s) * tau^2 from log-probabilities at temperature tau, the teacher detached (``teacher_grad``:
+    not detached -- only for a method whose teacher must learn from it, e.g. OKDDip's attention).
 
     Summed over classes (the last dimension) and averaged over the batch (the one before); leading
     dimensions broadcast, so a (n, 1, B, K) teacher against (1, n, B, K) students is the matrix of
     every pair. Log space on both sides: a zero teacher probability never produces log(0).
     """
-    kl = F.kl_div(student_logp, teacher_logp.detach(), reduction="none", log_target=True)
+    kl = F.kl_div(student_logp, teacher_logp if teacher_grad else teacher_logp.detach(), reduction="none", log_target=True)
     return kl.sum(dim=-1).mean(dim=-1) * (temperature * temperature)
 
 
-def kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """KL(softmax(t/tau) || softmax(s/tau)) * tau^2, averaged over the batch, teacher detached."""
-    return soft_kl(log_softmax_at(student_logits, temperature), log_softmax_at(teacher_logits.detach(), temperature), temperature)
+def kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, teacher_grad: bool = False) -> Tensor:
+    """KL(softmax(t/tau) || softmax(s/tau)) * tau^2, averaged over the batch, teacher detached (see :func:`soft_kl`)."""
+    teacher = teacher_logits if teacher_grad else teacher_logits.detach()
+    return soft_kl(log_softmax_at(student_logits, temperature), log_softmax_at(teacher, temperature), temperature, teacher_grad)
 
 
 def pairwise_kl(logits: Sequence[Tensor], temperature: float = 1.0, eligible: Tensor | None = None) -> Tensor:

@@ -17,6 +17,7 @@ from .. import models
 from ..config import Config, ConfigError
 from ..data.build import DataBundle, build_data
 from ..group import Group
+from ..models.heads import HeadError, attach as attach_heads
 from ..methods import GroupMethod, MethodContext, Needs, registry
 from ..perturb import MutationTracker, PerturbationScheduler, resolve_ops
 from ..rng import stream_seed
@@ -57,6 +58,21 @@ def configure_torch(config: Config, device: torch.device) -> None:
 
 
 def build_group(config: Config, num_classes: int, in_channels: int, needs: Needs) -> Group:
+    group = _networks(config, num_classes, in_channels, needs)
+    if needs.heads:  # what the method trains beyond each classifier, built by the zoo from the network's layers
+        if config.train.fused or config.train.compile:
+            raise ConfigError(f"method {config.method.name} trains heads that run from forward hooks: "
+                              "set train.fused=false and train.compile=false")
+        for i, (name, network) in enumerate(zip(config.models, group.networks)):
+            try:
+                attach_heads(network, needs.heads, in_channels)
+            except HeadError as error:
+                raise ConfigError(f"bad value in 'models': method {config.method.name} cannot run on models[{i}] = "
+                                  f"{name}: {error}") from None
+    return group
+
+
+def _networks(config: Config, num_classes: int, in_channels: int, needs: Needs) -> Group:
     if models.branched.is_branched(config.models):  # the entries are the branches of one shared trunk
         try:
             return models.branched.BranchedGroup.build(config.models, num_classes, in_channels, gate=needs.branched,

@@ -18,6 +18,9 @@ from .kdcl import KDCL
 from .one import OnTheFlyNativeEnsemble
 from .pcl import PeerCollaborativeLearning
 from .pskd import ProgressiveSelfKD
+from .byot import BeYourOwnTeacher
+from .mcl import MutualContrastiveLearning
+from .okddip import OnlineDistillationDiversePeers
 from .registry import register_method
 
 #: the built-in methods in the order of `kdarena methods`, sweep presets and report rows: baselines first
@@ -31,11 +34,15 @@ BUILT_IN: tuple[type[GroupMethod], ...] = (
     PeerCollaborativeLearning,
     ProgressiveSelfKD,
     OnTheFlyNativeEnsemble,
+    MutualContrastiveLearning,
+    OnlineDistillationDiversePeers,
+    BeYourOwnTeacher,
 )
 registry.set_order([method.name for method in BUILT_IN])
 
 __all__ = [
     "BUILT_IN",
+    "BeYourOwnTeacher",
     "CompetitiveDistillation",
     "CompetitiveMeanTeachers",
     "DeepMutualLearning",
@@ -46,8 +53,10 @@ __all__ = [
     "KnowledgeDistillation",
     "MethodContext",
     "MethodParams",
+    "MutualContrastiveLearning",
     "Needs",
     "OnTheFlyNativeEnsemble",
+    "OnlineDistillationDiversePeers",
     "PeerCollaborativeLearning",
     "ProgressiveSelfKD",
     "StepInput",

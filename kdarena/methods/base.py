@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from ..losses import Adapter, Target
+from ..models.heads import HeadSpec
 
 
 class MethodParams(BaseModel):
@@ -65,6 +66,9 @@ class Needs:
     own_views: bool = False
     #: the networks must be the branches of one branched model (``models: [branched:NAME, ...]``) with a gate
     branched: bool = False
+    #: heads beyond the classifier each network must carry (``models.heads``: embedding, attention, exits);
+    #: their outputs arrive as ``StepInput.extras["heads"]``, one dict per network
+    heads: tuple[HeadSpec, ...] = ()
 
 
 @dataclass

@@ -151,7 +151,7 @@ def _stage_layers(network: nn.Module) -> list[str]:
                         "e.g. models: [resnet32]")
     if not layers:
         raise HeadError(f"{type(network).__name__} declares no stage_layers (where early exits attach); "
-                        "the zoo's CIFAR ResNets (resnet8 ... resnet110, resnet8x4, resnet32x4) and WRNs have them")
+                        "the zoo's CIFAR ResNets (resnet8 ... resnet110, resnet8x4, resnet32x4, resnet18, resnet34) and WRNs have them")
     return list(layers)
 
 
