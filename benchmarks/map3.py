@@ -33,13 +33,13 @@ RESULTS = ROOT / "benchmarks" / "results" / "map3"
 PREREGISTRATION = ROOT / "benchmarks" / "preregistration.md"
 C10 = ROOT / "configs" / "benchmarks" / "map_cifar10.yaml"
 TIN = ROOT / "configs" / "benchmarks" / "map_tiny_imagenet.yaml"
-PLAIN = ["perturb.enabled=false"]  # every method but the paper's CD trains on the ordinary augmentation
 
-# cell -> (config, archive option, overrides, the network the methods' group is made of)
+# cell -> (config, archive option, overrides, the network the methods' group is made of); sized by the pilot
+# (benchmarks/map3_protocol.md)
 CELLS = {
     # 7,500 random training images: 5,000 to train, 2,500 held out for validation; the full 10,000-image test split
-    "c10-5k": (C10, "cifar10", ["data.train_subset=7500", "data.val_size=2500", "optim.epochs=60",
-                                "train.eval_every=10", "train.checkpoint_every=10"], "resnet8"),
+    "c10-5k": (C10, "cifar10", ["data.train_subset=7500", "data.val_size=2500", "models=[resnet14,resnet14]",
+                                "optim.epochs=60", "train.eval_every=10", "train.checkpoint_every=10"], "resnet14"),
     # the first 100 classes, 125 random images each: 100 to train, 25 held out; the 5,000 official val images of
     # those classes are the test split
     "tin100": (TIN, "tiny_imagenet", ["data.classes=100", "data.train_subset=12500", "data.val_size=2500",
@@ -49,13 +49,21 @@ CELLS = {
 
 def phase1_methods(model: str) -> tuple[list[str], list[str]]:
     """(the arena's core and the controls, our candidates): sweep specs, the labels before the colon."""
+    references, rest, candidates = phase1_parts(model)
+    return references + rest, candidates
+
+
+def phase1_parts(model: str) -> tuple[list[str], list[str], list[str]]:
+    """Phase 1 in the order it runs: the references of phase 2 and our candidates first (the selection needs
+    only them), then the rest of the arena and the controls."""
     branched = f"models=[branched:{model},branched:{model}]"
-    core = ["independent", "dml", "cd", "cd-code", "kdcl", "pcl", f"one:method.name=one;perturb.enabled=false;{branched}",
+    references = ["independent", "dml", "cd"]
+    rest = ["cd-code", "kdcl", "pcl", f"one:method.name=one;perturb.enabled=false;{branched}",
             "dml-t4:method.name=dml;perturb.enabled=false;method.temperature=4",  # control for the temperature
             f"dml-branched:method.name=dml;perturb.enabled=false;{branched}"]     # control for the shared trunk
     candidates = ["cd-mean", "cd-mean-t4:method.name=cd-mean;perturb.enabled=false;method.temperature=4",
                   f"cd-mean-t4-branched:method.name=cd-mean;perturb.enabled=false;method.temperature=4;{branched}"]
-    return core, candidates
+    return references, rest, candidates
 
 
 def label(spec: str) -> str:
@@ -272,13 +280,13 @@ def run(cell: str, phase: int, archive: str, out: Path, jobs: int, commit: bool,
 
     config, _, overrides, model = CELLS[cell]
     if phase == 1:
-        core, candidates = phase1_methods(model)
-        specs, seed_text = core + candidates, seeds or "0,1,2"
+        references, rest, candidates = phase1_parts(model)
+        batches, seed_text = [references + candidates, rest], seeds or "0,1,2"
     else:
         plan = preregistered()
         if plan is None or cell not in plan.get("cells", {}):
             sys.exit(f"phase 2 of {cell} is not pre-registered: commit {PREREGISTRATION.relative_to(ROOT)} first")
-        specs = plan["cells"][cell]["methods"]
+        batches = [plan["cells"][cell]["methods"]]
         seed_text = seeds or ",".join(str(s) for s in plan["cells"][cell]["seeds"])
     exp_dir = out / cell / f"phase{phase}"
     done = threading.Event()
@@ -290,7 +298,8 @@ def run(cell: str, phase: int, archive: str, out: Path, jobs: int, commit: bool,
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        run_sweep(config, [f"data.root={archive}", *overrides], specs, seed_text, exp_dir, jobs=jobs)
+        for specs in batches:
+            run_sweep(config, [f"data.root={archive}", *overrides], specs, seed_text, exp_dir, jobs=jobs)
     finally:
         done.set()
         watcher.join()
