@@ -149,9 +149,9 @@ def export_run(run_dir: str | Path, out: str | Path, network: str = "best", chec
                fmt: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Export ``run_dir``'s network to ``out`` with its model card; returns the card."""
     out = Path(out)
-    fmt = _format_of(out, fmt)
     if out.is_dir():
-        raise ExportError(f"--out {out} is a folder; give a file name, e.g. {out / ('model.' + fmt)}")
+        raise ExportError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.safetensors'}")
+    fmt = _format_of(out, fmt)
     selected = open_run(run_dir, checkpoint, network, overrides)
     if out.resolve() == selected.checkpoint.resolve():
         raise ExportError(f"--out {out} is the checkpoint being exported; give another file name")

@@ -54,7 +54,7 @@ def _safe_load(path: Path, map_location: Any) -> Any:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(error))  # also "... whose module is blocked"
         if found:
             raise UnsafeCheckpointError(
                 f"checkpoint {str(path)!r} holds code or objects kdarena does not write ({found.group(1)}) and was not loaded; "
