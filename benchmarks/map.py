@@ -7,6 +7,7 @@ Runs every method of the arena x seeds in each *cell* (a protocol at one budget)
     python benchmarks/map.py --tiny-imagenet PATH/tiny-imagenet-32.tar.gz --cifar10 PATH/cifar10-jpeg.tar.gz \\
         --out runs/map --jobs 2                       # CPU scale (configs/benchmarks/map_*.yaml)
     python benchmarks/map.py ... --scale gpu --jobs 8  # GPU scale (benchmarks/gpu_map.sh)
+    python benchmarks/map.py ... --engine ray --address auto --gpus-per-run 0.25  # on a Ray cluster (README, "Scaling out")
 
 A method's accuracy in a run is the mean over its networks of the test top-1 at the epoch of best
 validation top-1 (``@ best val``) and after the last epoch (``last``); the ensemble is reported
@@ -273,7 +274,10 @@ def main() -> None:
     p.add_argument("--cells", default=None, help="comma-separated subset of the scale's cells, in this order")
     p.add_argument("--methods", default=None, help="comma-separated sweep methods (default: the whole arena)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=2, help="--engine local: runs at once on this machine")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="as kdarena sweep --engine")
+    p.add_argument("--address", help="--engine ray: the cluster to join (as kdarena sweep --address)")
+    p.add_argument("--gpus-per-run", type=float, help="--engine ray: GPUs each run asks for (as kdarena sweep --gpus-per-run)")
     p.add_argument("--report-only", action="store_true", help="rebuild map.md/csv/png from finished runs")
     args = p.parse_args()
     cells = CELLS[args.scale]
@@ -284,11 +288,13 @@ def main() -> None:
     for name, (config, overrides, _) in cells.items():
         if args.report_only:
             break
-        root = args.cifar10 if config == C10 else args.tiny_imagenet
+        root = Path(args.cifar10 if config == C10 else args.tiny_imagenet).resolve()  # the same path on every node
         model = next((o.split("[")[1].split(",")[0] for o in overrides if o.startswith("models=")), "resnet8")
         start = time.perf_counter()
         chosen = args.methods or methods(model, cells[name][2].get("methods", "all"))
-        run_sweep(config, [f"data.root={root}", *overrides], chosen, args.seeds, out / name, jobs=args.jobs)
+        run_sweep(config, [f"data.root={root}", *overrides], chosen, args.seeds, out / name,
+                  jobs=args.jobs if args.engine == "local" else 1, engine=args.engine, address=args.address,
+                  gpus_per_run=args.gpus_per_run)
         write_report([out / name])
         print(f"cell {name}: {time.perf_counter() - start:.0f} s", flush=True)
         write_map(out, cells)

@@ -155,6 +155,25 @@ def test_the_sweep_spreads_over_both_nodes(cluster, undisturbed):
         assert _epochs(undisturbed["exp"] / name) == list(range(EPOCHS))
 
 
+def test_a_node_that_cannot_see_out_stops_the_sweep_naming_it(cluster, tmp_path):
+    """The storage probe, as on a node without the shared folder: there the probe file is not found."""
+    from kdarena.experiments.ray_engine import RayEngine, RayEngineError
+
+    ray_cluster, workers = cluster
+    engine = RayEngine(ray_cluster.address)
+    assert engine._connect()
+    try:
+        engine.check_storage(tmp_path)  # every node sees this machine's folders
+        assert not list(tmp_path.iterdir())  # the probe file is gone
+        with pytest.raises(RayEngineError) as caught:
+            engine.probe_nodes(tmp_path / "written-on-another-machine", "token")
+    finally:
+        engine.ray.shutdown()
+    message = str(caught.value)
+    assert "\n" not in message and f"--out {tmp_path} is not visible from Ray node 127.0.0.1 (" in message
+    assert any(f"({w.node_id[:12]})" in message for w in workers) and "FileNotFoundError" in message
+
+
 def test_a_lost_node_costs_its_run_no_epochs(cluster, undisturbed, tmp_path):
     """A worker node removed while both runs train: its run goes to the other node and resumes from its checkpoint."""
     ray_cluster, workers = cluster

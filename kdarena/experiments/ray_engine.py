@@ -115,24 +115,28 @@ class RayEngine:
 
     def check_storage(self, exp_dir: Path) -> None:
         """Every node that can run a task reads back a file written here, or the sweep stops naming the node."""
-        ray = self.ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         probe_path = exp_dir / f".storage-probe-{uuid.uuid4().hex}"
         token = uuid.uuid4().hex
         probe_path.write_text(token)
         try:
-            nodes = [n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU", 0) > 0 or n["Resources"].get("GPU", 0) > 0)]
-            task = ray.remote(_probe)
-            refs = [task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                    .remote(str(probe_path), token) for n in nodes]
-            for node, problem in zip(nodes, ray.get(refs)):
-                if problem:
-                    raise RayEngineError(
-                        f"--out {exp_dir} is not visible from Ray node {node['NodeManagerAddress']} ({node['NodeID'][:12]}): "
-                        f"{problem}; --out must be a folder every node sees (NFS, Lustre, a shared volume)")
+            self.probe_nodes(probe_path, token)
         finally:
             probe_path.unlink(missing_ok=True)
+
+    def probe_nodes(self, probe_path: Path, token: str) -> None:
+        """One probe task pinned to each live node with CPUs or GPUs: does ``probe_path`` there hold ``token``?"""
+        ray = self.ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        nodes = [n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU", 0) > 0 or n["Resources"].get("GPU", 0) > 0)]
+        task = ray.remote(_probe)
+        refs = [task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(probe_path), token) for n in nodes]
+        for node, problem in zip(nodes, ray.get(refs)):
+            if problem:
+                raise RayEngineError(
+                    f"--out {probe_path.parent} is not visible from Ray node {node['NodeManagerAddress']} ({node['NodeID'][:12]}): "
+                    f"{problem}; --out must be a folder every node sees (NFS, Lustre, a shared volume)")
 
     def run(self, exp_dir: Path, runs: Sequence[tuple[str, cfg.Config, Path]], done: Callable[[str, dict[str, Any]], None]) -> None:
         """Train ``(name, config, run_dir)`` each as a Ray task; ``done(name, outcome)`` as each finishes."""
