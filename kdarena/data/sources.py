@@ -42,6 +42,11 @@ _TEXT_FILES = ("wnids.txt", "words.txt", "val_annotations.txt")
 _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError, ValueError)
 
 
+def _why(e: BaseException) -> str:
+    """An archive library's message on one line (tarfile's lists each method it tried on its own line)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def is_archive(path: str) -> bool:
     return os.path.isfile(path) and path.lower().endswith(ARCHIVE_SUFFIXES)
 
@@ -106,7 +111,7 @@ class Source:
                 for rel in rels:
                     out.append(z.read(self._members[rel]))
         except _READ_ERRORS as e:
-            raise ImageDataError(f"{self.describe(rel)}: corrupt zip member ({type(e).__name__}: {e}); "
+            raise ImageDataError(f"{self.describe(rel)}: corrupt zip member ({type(e).__name__}: {_why(e)}); "
                                  "download or rebuild the archive") from e
         return out
 
@@ -131,9 +136,14 @@ def _check_member(archive: str, name: str) -> str:
     return "/".join(parts)
 
 
+def _hidden(rel: str) -> bool:
+    """A name starting with a dot anywhere in the path (``.git/``, ``._x.jpg``): left out, as the folder walk does."""
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
 def _wanted(rel: str) -> bool:
     base = posixpath.basename(rel)
-    return not base.startswith(".") and (base.lower().endswith(IMG_EXTENSIONS) or base in _TEXT_FILES)
+    return not _hidden(rel) and (base.lower().endswith(IMG_EXTENSIONS) or base in _TEXT_FILES)
 
 
 def open_source(path: str, max_bytes: float = float("inf")) -> Source:
@@ -179,7 +189,7 @@ def _open_zip(path: str, max_bytes: float) -> Source:
         with zipfile.ZipFile(path) as z:
             for info in z.infolist():
                 rel = _check_member(path, info.filename)
-                if not rel or rel.startswith("__MACOSX/"):
+                if not rel or rel.startswith("__MACOSX/") or _hidden(rel):
                     continue
                 if info.is_dir():
                     src.dirs.add(rel)
@@ -193,9 +203,14 @@ def _open_zip(path: str, max_bytes: float) -> Source:
                 budget.take(f"member {info.filename}", info.file_size)
                 src.sizes[rel] = (info.file_size, 0)
                 src._members[rel] = info
+    except ImageDataError:
+        raise
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
-        raise ImageDataError(f"{path}: corrupt or truncated zip archive ({e}); download it again") from e
+        raise ImageDataError(f"{path}: corrupt or truncated zip archive ({_why(e)}); download it again") from e
     src.held_bytes = budget.used
+    if src._members:  # zipfile holds a member twice while it reads it (measured): the largest one counts again
+        largest = max(src._members.values(), key=lambda i: i.file_size)
+        budget.take(f"member {largest.filename} (read, zipfile holds it twice)", largest.file_size)
     return src
 
 
@@ -206,7 +221,7 @@ def _open_tar(path: str, max_bytes: float) -> Source:
         with tarfile.open(path, "r:*") as tar:
             for m in tar:
                 rel = _check_member(path, m.name)
-                if not rel:
+                if not rel or _hidden(rel):
                     continue
                 if m.isdir():
                     src.dirs.add(rel)
@@ -221,6 +236,6 @@ def _open_tar(path: str, max_bytes: float) -> Source:
                 src._blobs[rel] = f.read() if f is not None else b""
                 src.sizes[rel] = (m.size, 0)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise ImageDataError(f"{path}: corrupt or truncated tar archive ({e}); download it again") from e
+        raise ImageDataError(f"{path}: corrupt or truncated tar archive ({_why(e)}); download it again") from e
     src.held_bytes = budget.used
     return src
