@@ -16,20 +16,16 @@ from kdarena.cli import main
 from kdarena.engine import checkpoint as ckpt
 from kdarena.engine.build import build_parts
 from kdarena.engine.weights import WeightsError, read_weights
-from test_deploy import run_config, write_images
+from test_deploy import env, run_config, write_images  # noqa: F401  (env: a private decoded-image cache)
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        base = tmp_path_factory.mktemp("weights")
-        patch.setenv("KDARENA_CACHE", str(base / "cache"))
-        patch.delenv("KDARENA_DATA", raising=False)
-        train(run_config(write_images(base / "three")), run_dir=base / "run")
-        assert main(["export", str(base / "run"), "--out", str(base / "net1.safetensors"), "--network", "1"]) == 0
-        assert main(["export", str(base / "run"), "--out", str(base / "net1.pt"), "--network", "1"]) == 0  # TorchScript
-        write_images(base / "two", classes=("left", "right"), seed=1)
-        yield base
+def source(env):
+    train(run_config(write_images(env / "three")), run_dir=env / "source-run")
+    assert main(["export", str(env / "source-run"), "--out", str(env / "net1.safetensors"), "--network", "1"]) == 0
+    assert main(["export", str(env / "source-run"), "--out", str(env / "net1.pt"), "--network", "1"]) == 0  # TorchScript
+    write_images(env / "two", classes=("left", "right"), seed=1)
+    return env
 
 
 def network_tensors(run: Path, index: int) -> dict[str, torch.Tensor]:
@@ -47,7 +43,7 @@ def test_an_exported_network_initialises_a_run_on_another_number_of_classes(sour
     config = run_config(source / "two", models=[weights])
     assert config.models == ["resnet8"] and config.weights[0].reinit_head
     net = built(config).networks[0]
-    wanted = network_tensors(source / "run", 1)
+    wanted = network_tensors(source / "source-run", 1)
     state = net.state_dict()
     assert set(state) == set(wanted)
     for key, value in state.items():
@@ -63,10 +59,10 @@ def test_an_exported_network_initialises_a_run_on_another_number_of_classes(sour
 
 
 def test_weights_from_a_checkpoint_network_and_from_a_plain_state_dict(source, tmp_path):
-    checkpoint = str(source / "run" / "checkpoints" / "best.pt")
+    checkpoint = str(source / "source-run" / "checkpoints" / "best.pt")
     config = run_config(source / "three", models=[{"name": "resnet8", "weights": checkpoint, "network": 1}, "resnet8"])
     group = built(config)
-    assert all(torch.equal(v, network_tensors(source / "run", 1)[k]) for k, v in group.networks[0].state_dict().items())
+    assert all(torch.equal(v, network_tensors(source / "source-run", 1)[k]) for k, v in group.networks[0].state_dict().items())
     fresh = models.create("resnet8", 3, 3)
     torch.save({"state_dict": {f"module.{k}": v for k, v in fresh.state_dict().items()}, "epoch": 3}, tmp_path / "plain.pt")
     config = run_config(source / "three", models=["resnet8", "resnet8"], weights=[None, {"path": str(tmp_path / "plain.pt")}])
@@ -77,7 +73,7 @@ def test_weights_from_a_checkpoint_network_and_from_a_plain_state_dict(source, t
 def test_the_same_classes_need_no_new_head(source):
     config = run_config(source / "three", models=[{"name": "resnet8", "weights": str(source / "net1.safetensors")}])
     net = built(config).networks[0]
-    assert all(torch.equal(v, network_tensors(source / "run", 1)[k]) for k, v in net.state_dict().items())
+    assert all(torch.equal(v, network_tensors(source / "source-run", 1)[k]) for k, v in net.state_dict().items())
 
 
 def train_cli(source, tmp_path, models_value: str, root: str = "two") -> tuple[int, str]:
@@ -107,9 +103,9 @@ def test_weights_that_do_not_fit_are_a_one_line_error(source, tmp_path, capsys, 
         "architecture": ("{name: resnet14, weights: %s}" % (source / "net1.safetensors"), "three"),
         "missing": ("{name: resnet8, weights: %s}" % (tmp_path / "nothing.pt"), "three"),
         "torchscript": ("{name: resnet8, weights: %s}" % (source / "net1.pt"), "three"),
-        "network": ("{name: resnet8, weights: %s, network: 5}" % (source / "run" / "checkpoints" / "best.pt"), "three"),
+        "network": ("{name: resnet8, weights: %s, network: 5}" % (source / "source-run" / "checkpoints" / "best.pt"), "three"),
         "hostile": ("{name: resnet8, weights: %s}" % (tmp_path / "hostile.pt"), "three"),
-        "folder": ("{name: resnet8, weights: %s}" % (source / "run"), "three"),
+        "folder": ("{name: resnet8, weights: %s}" % (source / "source-run"), "three"),
     }[case]
     assert train_cli(source, tmp_path, f"[{entry}]", root) == 2
     line = one_line_error(capsys)
