@@ -3,6 +3,7 @@ end with evaluation from the checkpoint, and bad input (options, models, group s
 from __future__ import annotations
 
 import pytest
+import safetensors.torch
 import torch
 import yaml
 
@@ -59,6 +60,10 @@ def test_each_method_trains_end_to_end_with_its_heads(tmp_path, capsys, label):
     capsys.readouterr()
     assert main(["eval", str(run_dir / "checkpoints" / "last.pt")]) == 0  # the heads are rebuilt and loaded
     assert "net0/top1" in capsys.readouterr().out
+    # the exported network is the plain classifier: its heads are training-time parts
+    out = tmp_path / "net.safetensors"
+    assert main(["export", str(run_dir), "--out", str(out), "--network", "0"]) == 0
+    assert not any("aux_heads" in k for k in safetensors.torch.load_file(out))
 
 
 @pytest.mark.parametrize("label", ["mcl", "okddip", "byot"])

@@ -69,7 +69,10 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
 def network_state(group: dict[str, Tensor], index: int, models: Sequence[str], where: str) -> dict[str, Tensor]:
     """Network ``index``'s own tensors out of a group's state dict (a branch: the shared trunk plus its head)."""
     prefix = f"networks.{index}."
+    # heads a method trained beside the classifier (models.heads: MCL's embedding, BYOT's exits) are no part of
+    # the network a user exports, predicts with or starts from
     state = {k[len(prefix):]: v for k, v in group.items() if k.startswith(prefix)}
+    state = {k: v for k, v in state.items() if not k.startswith("aux_heads.")}
     if models and str(models[0]).startswith(BRANCHED):
         state.update({k: v for k, v in group.items() if k.startswith("trunk.")})
     if not state:
