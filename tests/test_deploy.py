@@ -261,3 +261,25 @@ def test_predict_on_an_export_prints_a_table_and_csv(run, env, tmp_path, capsys)
     assert rows[0] == "image,label,class1,probability1,class2,probability2,class3,probability3"
     assert rows[1].startswith(f"{image},,") and len(rows) == 2
     assert "none labelled" in captured.err
+
+
+def test_a_streamed_folder_run_predicts_as_it_evaluates(env, tmp_path, capsys):
+    """Folders over data.cache_max_gb are streamed and decoded by another function (bilinear): the card says which."""
+    base = cfg.to_dict(run_config(write_images(env / "data-streamed", seed=5)))
+    config = cfg.validate({**base, "models": ["resnet8"], "data": {**base["data"], "cache_max_gb": 0, "image_size": 24}})
+    train(config, run_dir=tmp_path / "streamed")
+    out = tmp_path / "net.safetensors"
+    assert main(["export", str(tmp_path / "streamed"), "--out", str(out)]) == 0
+    card = json.loads(Path(f"{out}.card.json").read_text())
+    prep = card["preprocessing"]  # 16 px files enlarged to 24: bilinear and bicubic differ
+    assert prep["resize"] == "bilinear" and prep["size"] == [24, 24] and prep["mean"] == [0.485, 0.456, 0.406]
+    capsys.readouterr()
+    assert main(["predict", str(out), str(env / "data-streamed"), "--format", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = result["summary"]
+    _, scores = eval_reference(tmp_path / "streamed", "net0")  # the same pixels, so the same probabilities
+    probs = torch.tensor([[t["probability"] for t in p["top"]] for p in result["predictions"]])
+    assert torch.allclose(probs, F.softmax(scores, 1).topk(3, dim=1).values, atol=1e-6)
+    evaluated = evaluate_checkpoint(str(tmp_path / "streamed" / "checkpoints" / "best.pt"), "test")
+    assert summary["labelled"] == 24
+    assert (summary["top1"], summary["top5"]) == (evaluated["net0/top1"], evaluated["net0/top5"])

@@ -10,8 +10,8 @@ Formats:
   ``onnxscript``; the legacy TorchScript exporter is deprecated), opset of torch's default, one
   dynamic batch dimension, input ``input``, output ``output``, weights inside the file.
 
-Every exported file is read back once and run on a seeded random batch: its outputs must match the
-module's within 1e-4, or the export is refused. Writes go to temporary files in the target folder,
+Every exported file is read back once (ONNX: with onnxruntime, when installed) and run on a seeded
+random batch: its outputs must match the module's within 1e-4, or the export is refused. Writes go to temporary files in the target folder,
 then the file and its two cards are renamed into place: an error or a full disk leaves nothing
 half-written (and an older export untouched).
 """
