@@ -91,4 +91,4 @@ class OnlineDistillationDiversePeers(GroupMethod):
                          + [kl_to_teacher(safe[m], mean, p.temperature, teacher_grad=True)])
         w = p.alpha * sigmoid_rampup(step.progress, p.rampup)
         totals = ce + w * kd
-        return GroupLosses.of(totals, ce, kd=kd, extra={"kd_weight": torch.tensor(w)})
+        return GroupLosses.of(totals, ce, kd=kd, extra={"kd_weight": ce.new_tensor(w)})
