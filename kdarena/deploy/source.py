@@ -112,7 +112,8 @@ def open_run(run_dir: str | Path, checkpoint: str = "best", network: str = "best
     state = ckpt.load(path, required=ckpt.EVAL_KEYS)
     config = validate(apply_overrides(state["config"], list(overrides)))
     epoch, mid_epoch = int(state["epoch"]), bool(state.get("batch_in_epoch", 0))
-    record = next((r for r in records if r["epoch"] + 1 == epoch), None) if not mid_epoch else None
+    # the record of the checkpoint's epoch (the last one written, should an interrupted epoch have been redone)
+    record = next((r for r in reversed(records) if r["epoch"] + 1 == epoch), None) if not mid_epoch else None
     indices = _network_index(network, len(config.models), record, has_val, path)
     data = build_data(config, torch.device("cpu"))
     nets = []
