@@ -33,8 +33,8 @@ from kdarena.experiments.sweep import run_sweep  # noqa: E402
 METHODS, SEEDS = "independent,dml", "0,1,2,3"
 
 
-def timed_sweep(config: Path, address: str, out: Path) -> tuple[float, dict[str, int]]:
-    """Wall time of the whole sweep and how many runs each node trained."""
+def timed_sweep(config: Path, address: str, out: Path) -> tuple[float, float, dict[str, int]]:
+    """Wall time of the whole sweep, the sum of its runs' own wall times, and how many runs each node trained."""
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     run_sweep(config, [], METHODS, SEEDS, out, engine="ray", address=address)
@@ -43,13 +43,13 @@ def timed_sweep(config: Path, address: str, out: Path) -> tuple[float, dict[str,
     per_node: dict[str, int] = {}
     for run in runs:
         per_node[run["node"][:12]] = per_node.get(run["node"][:12], 0) + 1
-    return seconds, per_node
+    return seconds, sum(run["seconds"] for run in runs), per_node
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/ray_scaling")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
 
@@ -64,6 +64,7 @@ def main() -> None:
         "optim": {"epochs": args.epochs}, "train": {"progress": False, "tensorboard": False, "threads": 1}}))
     load = os.getloadavg()
     times: dict[int, list[float]] = {1: [], 2: []}
+    run_seconds: dict[int, list[float]] = {1: [], 2: []}
     spread: dict[int, dict[str, int]] = {}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
@@ -75,15 +76,17 @@ def main() -> None:
                 while len(workers) > nodes:
                     cluster.remove_node(workers.pop())
                 cluster.wait_for_nodes()
-                seconds, spread[nodes] = timed_sweep(config, cluster.address, out / f"{nodes}node")
+                seconds, in_runs, spread[nodes] = timed_sweep(config, cluster.address, out / f"{nodes}node")
                 times[nodes].append(seconds)
-                print(f"rep {rep}: {nodes} node(s): {seconds:.1f} s, runs per node {spread[nodes]}", flush=True)
+                run_seconds[nodes].append(in_runs)
+                print(f"rep {rep}: {nodes} node(s): {seconds:.1f} s (runs' own wall times add up to {in_runs:.1f} s), "
+                      f"runs per node {spread[nodes]}", flush=True)
     finally:
         cluster.shutdown()
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
         "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()],
-        "epochs": args.epochs, "runs": 8, "seconds": times,
+        "epochs": args.epochs, "runs": 8, "seconds": times, "runs_own_seconds": run_seconds,
         "median_s": {n: statistics.median(t) for n, t in times.items()},
         "speedup": statistics.median([a / b for a, b in zip(times[1], times[2])]),
         "runs_per_node": spread,

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = {"models": ["convnet", "convnet"], "data": {"name": "digits", "val_size": 200, "batch_size": 128},
         "perturb": {"enabled": False}, "train": {"progress": False, "tensorboard": False, "threads": 1}}
 #: long enough to lose a node or the driver mid-run (a checkpoint every epoch), short enough for a test
-EPOCHS = 10
+EPOCHS = 6
 #: what may differ between two runs of the same config: timings, paths and bookkeeping settings
 TIMING = ("wall_seconds", "images_per_s", "run_dir")
 
@@ -98,6 +98,24 @@ def test_engine_options_are_checked():
         run_sweep(None, [], "dml", "0", None, jobs=2, engine="ray")
     with pytest.raises(UserError, match="--gpus-per-run must be"):
         run_sweep(None, [], "dml", "0", None, engine="ray", gpus_per_run=1.5)
+
+
+def test_a_runs_task_asks_for_its_threads_and_a_gpu_where_it_runs_on_cuda():
+    pytest.importorskip("ray")
+    from kdarena.experiments.ray_engine import RayEngine
+
+    def asks(overrides: list[str], gpus_per_run: float | None = None, cluster_gpus: float = 0) -> tuple[float, float]:
+        config = cfg.load(None, overrides)
+        engine = RayEngine("127.0.0.1:1", gpus_per_run)  # no connection is made
+        engine.prepare(config)
+        wants = engine.resources(config, cluster_gpus)
+        return wants["num_cpus"], wants["num_gpus"]
+
+    assert asks([]) == (1, 0)  # threads unset: one thread, one CPU; auto on a cluster without GPUs: none
+    assert asks(["train.threads=3", "train.device=cpu"], gpus_per_run=0.5, cluster_gpus=8) == (3, 0)
+    assert asks(["train.device=cuda"]) == (1, 1)
+    assert asks(["train.device=cuda:0"], gpus_per_run=0.25) == (1, 0.25)
+    assert asks(["train.device=auto"], cluster_gpus=2) == (1, 1)
 
 
 # ----------------------------------------------------------------------------- embedded Ray

@@ -3,8 +3,8 @@
 * Without an address Ray starts embedded on this machine (listening on the loopback address only); with
   one (``auto``, ``HOST:PORT``, ``ray://HOST:10001``) the sweep joins that cluster and leaves it running.
 * A task asks for what its run's config says: ``num_cpus`` = ``train.threads`` (1 when unset, and the run
-  then uses 1 thread), ``num_gpus`` = 1 for a CUDA run, or ``--gpus-per-run F`` (e.g. 0.25: four small
-  runs share one GPU; it also puts ``train.device=auto`` runs on a GPU).
+  then uses 1 thread), ``num_gpus`` = 1 for a CUDA run (``train.device=cuda``, or ``auto`` on a cluster
+  with GPUs), or ``--gpus-per-run F`` (e.g. 0.25: four small runs share one GPU).
 * Run directories are written by the workers, so ``--out`` must be a folder every node sees (NFS,
   Lustre, a shared volume): a probe task on each node checks that before anything trains.
 * A lost node (or a worker stopped by SIGTERM, e.g. a preempted machine) fails the task with a system
@@ -93,14 +93,12 @@ class RayEngine:
             config.train.threads = 1
         config.train.progress = False
 
-    def resources(self, config: cfg.Config) -> dict[str, float]:
+    def resources(self, config: cfg.Config, cluster_gpus: float) -> dict[str, float]:
+        """What the run's task asks Ray for: its threads as CPUs, and a GPU (or ``--gpus-per-run``) when it runs on
+        CUDA, or on ``auto`` in a cluster that has GPUs (Ray hides the GPUs from a task that asked for none)."""
         device = config.train.device
-        gpus = 0.0
-        if device.startswith("cuda"):
-            gpus = self.gpus_per_run or 1.0
-        elif device == "auto" and self.gpus_per_run:
-            gpus = self.gpus_per_run
-        return {"num_cpus": float(config.train.threads or 1), "num_gpus": gpus}
+        wants_gpu = device.startswith("cuda") or (device == "auto" and (self.gpus_per_run or cluster_gpus > 0))
+        return {"num_cpus": float(config.train.threads or 1), "num_gpus": (self.gpus_per_run or 1.0) if wants_gpu else 0.0}
 
     def _connect(self) -> bool:
         """Start or join Ray; True when this sweep started it (and so shuts it down)."""
@@ -148,7 +146,8 @@ class RayEngine:
             exp_dir = exp_dir.resolve()  # the workers' working directory is not ours
             self.check_storage(exp_dir)
             task = ray.remote(_run_on_node)
-            pending = {task.options(max_retries=RETRIES, retry_exceptions=[RunStopped], **self.resources(config))
+            gpus = ray.cluster_resources().get("GPU", 0)
+            pending = {task.options(max_retries=RETRIES, retry_exceptions=[RunStopped], **self.resources(config, gpus))
                        .remote(cfg.to_dict(config), str(run_dir.resolve())): name for name, config, run_dir in runs}
             try:
                 while pending:
