@@ -78,7 +78,8 @@ def write_tree(root: Path, entries, kind: str) -> dict[str, Counter]:
     for split, cls, name, what, deeper in entries:
         folder = root / split / cls / ("sub" if deeper else "")
         if what == "dir":
-            (folder / name).mkdir(parents=True, exist_ok=True)
+            if not os.path.lexists(folder / name):  # a file, FIFO or link may hold the name already
+                (folder / name).mkdir(parents=True)
             continue
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / name

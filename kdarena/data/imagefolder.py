@@ -7,15 +7,17 @@ workers); random-resized-crop / flip augmentation then runs batch-wise on the de
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import MissingExtraError
 from .decode import DecodeError, open_image
 from .errors import BadImageError, DataNotFoundError, ImageDataError
 from .walk import open_regular, scan_folder, skipped_note, walk_order
@@ -31,19 +33,20 @@ def _pil():
     try:
         from PIL import Image
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("image folders need Pillow: pip install pillow (or pip install 'kdarena[data]')") from e
+        raise MissingExtraError("image folders need Pillow: pip install pillow (or pip install 'kdarena[data]')") from e
     return Image
 
 
-def decode_image(path: str, image_size: int, channels: int = 3) -> torch.Tensor:
-    """Decode ``path`` into a uint8 (C, image_size, image_size) tensor (resize shorter side + centre crop).
+def decode_image(path: str | BinaryIO, image_size: int, channels: int = 3) -> torch.Tensor:
+    """Decode ``path`` (or an open binary file) into a uint8 (C, image_size, image_size) tensor
+    (resize shorter side + centre crop).
 
-    The file is opened only if it is a regular file (:func:`~kdarena.data.walk.open_regular`), and an
+    A path is opened only if it is a regular file (:func:`~kdarena.data.walk.open_regular`), and an
     image claiming more than :data:`~kdarena.data.decode.MAX_PIXELS` is refused from its header.
     """
     Image = _pil()
     mode = "RGB" if channels == 3 else "L"
-    with open_regular(path) as f, open_image(f) as img:
+    with (open_regular(path) if isinstance(path, str) else contextlib.nullcontext(path)) as f, open_image(f) as img:
         if img.format == "JPEG":
             img.draft(mode, (image_size, image_size))  # DCT-domain downscale, never below the size
         img = img.convert(mode)
