@@ -264,7 +264,7 @@ def kdarena_worker(args) -> None:
         for _ in range(k):
             x, y = next_batch()
             trainer.train_step(x, y)
-            trainer.global_step += 1
+            trainer.loop.global_step += 1
         channel.send(seconds=time.perf_counter() - start, steps=k)
 
 

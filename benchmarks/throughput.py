@@ -300,7 +300,7 @@ class TrainerRunner(Runner):
     def step(self) -> None:
         x, y = self._next()
         self.trainer.train_step(x, y)
-        self.trainer.global_step += 1
+        self.trainer.loop.global_step += 1
 
     def data_seconds(self, steps: int) -> float:
         """The loader alone, from its own iterator (the training order is not disturbed). The epoch

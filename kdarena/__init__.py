@@ -5,8 +5,6 @@ and weight mutation), ``engine/`` (building the parts, checkpoints, run records,
 distributed helpers, the fused group, evaluation), ``experiments/`` (sweep, report, plot),
 ``data/`` and ``models/``; ``config.py`` is the schema and ``trainer.py`` the training loop.
 """
-__version__ = "0.2.0"
-
 from .group import Group, GroupOutput
 from .losses import MixedTarget, cross_entropy, feature_l2, kl_to_teacher
 from .methods import (
@@ -21,6 +19,7 @@ from .methods import (
     register_method,
 )
 from .trainer import Trainer, train
+from .version import __version__
 from .deploy import load_model
 
 __all__ = [

@@ -10,23 +10,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import __version__
+from .errors import UserError
+from .version import __version__
 
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .config import ConfigError
-    from .engine.checkpoint import CheckpointError
-    from .engine.runlog import RunDirError
-    from .errors import UserError
-
-    try:
-        from .trainer import NonFiniteLossError
-    except ImportError:  # e.g. torch missing: report the original error, not this one
-        NonFiniteLossError = ConfigError  # type: ignore[misc,assignment]
-
-    # OSError covers missing files, a full disk and permissions; NonFiniteLossError is train.nonfinite=stop
-    return (UserError, ConfigError, CheckpointError, RunDirError, NonFiniteLossError, OSError, ValueError, ImportError)
 
 
 def _one_line(error: BaseException) -> str:
@@ -296,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdarena: interrupted", file=sys.stderr)
         return 130
-    except _user_errors() as error:
+    except UserError as error:  # bad input: one line; anything else is a bug of ours and keeps its traceback
         if args.debug:
             raise
         print(f"kdarena: error: {_one_line(error)}", file=sys.stderr)

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from .config_errors import _FormattedError, _KeyValueError, format_error
+from .data.registry import NAMES as DATA_NAMES
 from .config_weights import ModelWeights, split_model_entries
 from .errors import ConfigError
 from .methods import registry as method_registry
@@ -52,7 +53,7 @@ RESUMABLE = {"resumable": True}
 
 
 class DataConfig(_Section):
-    name: Literal["fashion_mnist", "cifar10", "cifar100", "digits", "imagefolder", "tiny_imagenet"] = "fashion_mnist"
+    name: Literal[DATA_NAMES] = "fashion_mnist"  # type: ignore[valid-type]  # (the data registry's names)
     root: Optional[str] = Field(None, json_schema_extra=BOOKKEEPING, description="data folder, or for imagefolder/tiny_imagenet a folder or .tar/.tar.gz/.zip of one "
                                 "(default: search $KDARENA_DATA, ~/.cache/kdarena, system paths)")
     download: bool = Field(False, json_schema_extra=BOOKKEEPING)

@@ -13,3 +13,15 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A bad configuration value; the message is one line meant for the user (the key, the value, the fix)."""
+
+
+class DataError(UserError, ValueError):
+    """A data set's files that cannot be used (corrupt, truncated, missing, not what their name says)."""
+
+
+class DataFilesNotFoundError(DataError, FileNotFoundError):
+    """A data set's files are not where the config points (nor in any searched place)."""
+
+
+class MissingExtraError(UserError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""

@@ -4,7 +4,9 @@ Plain and linear on purpose (torchvision references / nanoGPT style): :func:`bui
 everything, a :class:`Trainer` holds what a checkpoint must capture, ``fit`` runs epochs and
 ``train_step`` is one iteration, read top to bottom as named stages. The trainer never asks
 which method it runs: the method declares its :class:`~kdarena.methods.Needs` and receives one
-:class:`~kdarena.methods.StepInput` per step. Only rank 0 writes files or shows progress.
+:class:`~kdarena.methods.StepInput` per step. The engine never sees the trainer: resume and
+recovery get the parts and the :class:`~kdarena.engine.loop_state.LoopState` they act on. Only
+rank 0 writes files or shows progress.
 """
 from __future__ import annotations
 
@@ -19,19 +21,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import __version__
 from .config import Config, dump, to_dict
 from .engine import checkpoint as ckpt, distributed as dist_utils, resume as resuming
 from .engine.build import Parts, build_parts
-from .engine.evaluate import autocast_context, epoch_line, evaluate_splits, resolve_precision
-from .engine.recovery import NonFiniteLossError, handle_nonfinite
-from .engine.runlog import MetricsLog, atomic_write_text, install_stop_handlers, prepare, read_metrics, write_json
-from .engine.stats import EpochStats, summarize
 from .engine.device_skip import DeviceSkip
-from .engine.step_values import Packed, PendingValues, StepValues, pack
+from .engine.evaluate import autocast_context, epoch_line, evaluate_splits, resolve_precision
+from .engine.loop_state import LoopState
+from .engine.recovery import NonFiniteLossError, NonFinitePolicy
+from .engine.runlog import MetricsLog, atomic_write_text, install_stop_handlers, prepare, read_metrics, write_json
+from .engine.stats import summarize
+from .engine.step_values import Packed, PendingValues, StepContext, StepValues, pack
 from .losses import cross_entropy
 from .methods import GroupLosses, StepInput
 from .perturb import GroupBatchNormSnapshot, Perturbation, frozen_bn_stats
+from .version import __version__
 
 log = logging.getLogger("kdarena")
 
@@ -60,26 +63,19 @@ class Trainer:
         if config.train.precision == "auto":
             log.info("train.precision=auto: %s on this %s", self.precision, self.device.type)
 
-        parts = parts if parts is not None else build_parts(config, self.device, self.info)
-        self.parts = parts
-        self.data, self.group, self.method = parts.data, parts.group, parts.method
-        self.perturber, self.mutations = parts.perturber, parts.mutations
-        self.optimizer, self.scheduler, self.scaler, self.model = parts.optimizer, parts.scheduler, parts.scaler, parts.runner
+        self.parts = parts = parts if parts is not None else build_parts(config, self.device, self.info)
+        self.data, self.group, self.method = parts.data, parts.group, parts.method  # read on every step
         self.n = len(self.group)
         self.needs = self.method.needs
         self.steps_per_epoch = len(self.data.train)
-        # Read each step's numbers on the host every step, or every k steps (no device sync in between).
+        self.loop = LoopState(self.n)
+        # Read each step's numbers on the host every k steps (no device sync in between; k = 1: every step).
         self.host_every = config.host_every(self.device.type)
         self.pending = PendingValues()
-        self.device_skip = DeviceSkip([self.group.network_parameters(i) for i in range(self.n)], self.optimizer)
-
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self.global_step = 0
-        self.stats = EpochStats(self.n)
-        self.best_val = [-1.0] * self.n
-        self.best_val_any = -1.0
-        self.history_seconds = 0.0
+        # train.nonfinite: the diverged networks' update undone on the device, then the policy when read
+        self.device_skip = DeviceSkip([self.group.network_parameters(i) for i in range(self.n)], parts.optimizer)
+        self.nonfinite = NonFinitePolicy(config.train.nonfinite, self.group.networks, parts.optimizer, config.models,
+                                         self.data.num_classes, self.data.in_channels, self.device, self.run_dir)
         # A list records every step (tests); train.step_log also writes it to RUN_DIR/steps.rank<r>.jsonl.
         self.step_log: list[dict[str, Any]] | None = [] if config.train.step_log else None
         self._stop_signal: int | None = None
@@ -89,12 +85,12 @@ class Trainer:
         dist_utils.barrier()
         try:
             if resume:
-                self._resume()
+                resuming.restore(self.run_dir, config, parts, self.loop, self.device, self.is_main, self.info.world_size)
                 if self.is_main:
-                    resuming.record_resume(self.run_dir, self.global_step, self._resume_changes)
+                    resuming.record_resume(self.run_dir, self.loop.global_step, self._resume_changes)
             if self.is_main:
                 atomic_write_text(self.run_dir / "config.yaml", dump(config))  # a kill mid-write must not break --resume
-            self.metrics = MetricsLog(self.run_dir, config.train.tensorboard, resume_epoch=self.epoch if resume else None) if self.is_main else None
+            self.metrics = MetricsLog(self.run_dir, config.train.tensorboard, resume_epoch=self.loop.epoch if resume else None) if self.is_main else None
         except BaseException:
             self.release_run_dir()
             raise
@@ -112,7 +108,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a checkpoint holds (exact resume: weights, optimizer, every RNG, the epoch's statistics)."""
-        return resuming.capture(self)
+        return resuming.capture(self.config, self.parts, self.loop, self.info.world_size)
 
     def save(self, name: str = "last.pt") -> None:
         self.read_pending()  # a checkpoint holds the epoch's statistics: every step must be counted first
@@ -120,35 +116,21 @@ class Trainer:
             ckpt.save_atomic(self.state_dict(), self.checkpoint_dir / name)
         dist_utils.barrier()
 
-    def _resume(self) -> None:
-        resuming.restore(self)
-
     # ------------------------------------------------------------------ one step
     def train_step(self, x: Tensor, y: Tensor, index: Tensor | None = None, views: list[Tensor] | None = None) -> dict[str, Any] | None:
         """One iteration on the batch (x, y); ``views``: the other networks' own augmentations of it (Needs.own_views).
 
         Returns the step's record, or None while its numbers wait on the device (``train.host_every`` > 1).
         """
-        context = (self.global_step, *self._decisions())
-        decision = context[1]
-        inputs, targets = self._perturbed_inputs(x, y, decision, views)
+        context = self._decide()
+        inputs, targets = self._perturbed_inputs(x, y, context.perturbation, views)
         bn_stats = GroupBatchNormSnapshot(self.group.networks)  # a non-finite batch must not reach running statistics
-        out = self._forward(inputs, decision)
-        step = self._step_input(out, targets, x, y, decision, index)
+        out = self._forward(inputs, context.perturbation)
+        step = self._step_input(out, targets, x, y, context.perturbation, index)
         losses = self.method.losses(step)
         self._backward(losses)
         packed = self._pack(losses, out.logits, y)
-        if self.host_every == 1:  # read now: the host applies train.nonfinite before the optimizer step
-            values = packed.values(packed.tensor.tolist())
-            if values.nonfinite:
-                bn_stats.restore_where([i in values.nonfinite for i in range(self.n)])
-                handle_nonfinite(self, values.nonfinite, values.teacher)
-            self._optimizer_step()
-            if self.mutations is not None:
-                self.mutations.after_step(values.teacher, self.group.networks)
-            self.method.after_step(self.group.networks, losses, step)
-            return self._account(values, context)
-        finite = packed.finite  # on the device: skip diverged networks without waiting for the host
+        finite = packed.finite  # on the device: the diverged networks are left as they were, without waiting for the host
         bn_stats.restore_where(~finite)
         saved = self.device_skip.before_step(finite)
         self._optimizer_step()
@@ -157,29 +139,29 @@ class Trainer:
         self.pending.push(packed, context)
         return self.read_pending() if len(self.pending) >= self.host_every else None
 
-    def _decisions(self) -> tuple[Perturbation | None, int | None]:
+    def _decide(self) -> StepContext:
         """This step's input perturbation and weight mutation (host-side seeded generators: no device sync)."""
-        decision = self.perturber.decide(self.global_step) if self.perturber is not None else None
-        mutated = self.mutations.before_step(self.global_step, self.group.networks) if self.mutations is not None else None
-        return decision, mutated
+        step, parts = self.loop.global_step, self.parts
+        decision = parts.perturber.decide(step) if parts.perturber is not None else None
+        mutated = parts.mutations.before_step(step, self.group.networks) if parts.mutations is not None else None
+        return StepContext(step, decision, mutated)
 
     def read_pending(self) -> dict[str, Any] | None:
-        """Read the steps whose numbers wait on the device (one transfer) and account for them in order."""
+        """Read the steps whose numbers wait on the device (one transfer), apply train.nonfinite and account for them in order."""
         record = None
         for values, context in self.pending.drain():
             if values.nonfinite:
-                if self.config.train.nonfinite == "stop":
-                    handle_nonfinite(self, values.nonfinite, values.teacher, step=context[0])  # raises
-                for i in values.nonfinite:  # the device already left them untouched (DeviceSkip)
-                    self.stats.skipped[i] += 1
+                self.nonfinite(values.nonfinite, values.teacher, context.step, self.loop.epoch, self.loop.stats)
+            if self.parts.mutations is not None:  # (train.host_every=1: the next step's mutation is decided after this)
+                self.parts.mutations.after_step(values.teacher, self.group.networks)
             record = self._account(values, context)
         return record
 
-    def _account(self, values: StepValues, context: tuple) -> dict[str, Any]:
+    def _account(self, values: StepValues, context: StepContext) -> dict[str, Any]:
         """Add a step to the epoch's statistics and the step log."""
-        step_number, decision, mutated = context
-        self.stats.add(values, decision)
-        record = {"step": step_number, "teacher": values.teacher, "losses": values.losses, "mutated": mutated,
+        decision = context.perturbation
+        self.loop.stats.add(values, decision)
+        record = {"step": context.step, "teacher": values.teacher, "losses": values.losses, "mutated": context.mutated,
                   "perturbation": None if decision is None else (decision.network, decision.op, decision.lam)}
         if self.step_log is not None:
             self.step_log.append(record)
@@ -191,8 +173,9 @@ class Trainer:
         if decision is None:
             return own if own else x, [y] * self.n
         # under torchrun each rank perturbs its own slice with its own noise (the decision is shared)
-        generator = self.perturber.rank_generator(self.info.rank, self.global_step, self.device) if self.info.enabled else None
-        x_p, t_p = self.perturber.apply(decision, own[decision.network] if own else x, y, generator)
+        perturber = self.parts.perturber
+        generator = perturber.rank_generator(self.info.rank, self.loop.global_step, self.device) if self.info.enabled else None
+        x_p, t_p = perturber.apply(decision, own[decision.network] if own else x, y, generator)
         inputs = [x_p if i == decision.network else (own[i] if own else x) for i in range(self.n)]
         return inputs, [t_p if i == decision.network else y for i in range(self.n)]
 
@@ -200,7 +183,7 @@ class Trainer:
         # perturb.bn_stats=freeze: the perturbed batch must not move that network's BatchNorm running statistics
         frozen = self.group.networks[decision.network] if decision is not None and self.config.perturb.bn_stats == "freeze" else None
         with autocast_context(self.device, self.precision), frozen_bn_stats(frozen):
-            return self.model(inputs)
+            return self.parts.runner(inputs)
 
     def _step_input(self, out, targets: list, x: Tensor, y: Tensor, decision: Perturbation | None, index: Tensor | None) -> StepInput:
         return StepInput(
@@ -209,8 +192,8 @@ class Trainer:
             clean_ce=lambda i: self._clean_ce(x, y, i),
             reduce_mean=dist_utils.all_reduce_mean if self.info.enabled else None,
             autocast=lambda: autocast_context(self.device, self.precision),
-            index=index, step=self.global_step, epoch=self.epoch,
-            progress=self.global_step / (self.steps_per_epoch * self.config.optim.epochs),
+            index=index, step=self.loop.global_step, epoch=self.loop.epoch,
+            progress=self.loop.global_step / (self.steps_per_epoch * self.config.optim.epochs),
         )
 
     def _clean_ce(self, x: Tensor, y: Tensor, network: int) -> Tensor:
@@ -220,8 +203,8 @@ class Trainer:
             return cross_entropy(net(x), y).float()
 
     def _backward(self, losses: GroupLosses) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses.total).backward()
+        self.parts.optimizer.zero_grad(set_to_none=True)
+        self.parts.scaler.scale(losses.total).backward()
 
     def _pack(self, losses: GroupLosses, logits: list[Tensor], y: Tensor) -> Packed:
         if self.info.enabled:
@@ -229,14 +212,15 @@ class Trainer:
         return pack(losses, logits, y)
 
     def _optimizer_step(self) -> None:
-        self.scaler.unscale_(self.optimizer)
+        optimizer, scaler = self.parts.optimizer, self.parts.scaler
+        scaler.unscale_(optimizer)
         clip = self.config.optim.grad_clip
         if clip:
             for i in range(self.n):
                 torch.nn.utils.clip_grad_norm_(self.group.network_parameters(i), clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        scaler.step(optimizer)
+        scaler.update()
+        self.parts.scheduler.step()
 
     # ------------------------------------------------------------------ epochs
     def _on_signal(self, signum: int, frame) -> None:
@@ -246,40 +230,40 @@ class Trainer:
         """The epoch's batches from where it stopped, with sample indices when the method needs them."""
         loader = self.data.train
         if self.needs.sample_index or self.needs.own_views:
-            for batch in loader.iterate_batches(self.epoch, self.batch_in_epoch, views=self.n if self.needs.own_views else 1):
+            for batch in loader.iterate_batches(self.loop.epoch, self.loop.batch_in_epoch, views=self.n if self.needs.own_views else 1):
                 yield batch.x, batch.y, batch.index, batch.views
         else:
-            for x, y in loader.iterate(self.epoch, self.batch_in_epoch):
+            for x, y in loader.iterate(self.loop.epoch, self.loop.batch_in_epoch):
                 yield x, y, None, None
 
     def fit(self) -> dict[str, Any]:
-        cfg = self.config
+        cfg, loop = self.config, self.loop
         previous_handlers = install_stop_handlers(self._on_signal)
         progress = None
         try:
-            while self.epoch < cfg.optim.epochs:
+            while loop.epoch < cfg.optim.epochs:
                 self.group.train()
                 start = time.perf_counter()
                 if self.is_main and cfg.train.progress:
                     from tqdm.auto import tqdm
 
-                    progress = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False, dynamic_ncols=True,
-                                    desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}", mininterval=0.5)
+                    progress = tqdm(total=self.steps_per_epoch, initial=loop.batch_in_epoch, leave=False, dynamic_ncols=True,
+                                    desc=f"epoch {loop.epoch + 1}/{cfg.optim.epochs}", mininterval=0.5)
                 t_step = time.perf_counter()
                 for x, y, index, views in self._batches():
                     record = self.train_step(x, y, index, views)
-                    self.global_step += 1
-                    self.batch_in_epoch += 1
+                    loop.global_step += 1
+                    loop.batch_in_epoch += 1
                     now = time.perf_counter()
-                    self.stats.seconds += now - t_step
+                    loop.stats.seconds += now - t_step
                     if progress is not None:
                         if record is not None:
                             teacher = record["teacher"]
-                            progress.set_postfix(loss=f"{sum(record['losses']) / self.n:.3f}", acc=f"{self.stats.train_accuracy():.1f}",
+                            progress.set_postfix(loss=f"{sum(record['losses']) / self.n:.3f}", acc=f"{loop.stats.train_accuracy():.1f}",
                                                  teacher=teacher if teacher >= 0 else "-", refresh=False)
                         progress.update(1)
                     if self._after_step_io():
-                        return {"stopped_at_step": self.global_step}
+                        return {"stopped_at_step": loop.global_step}
                     t_step = time.perf_counter()
                 self.read_pending()
                 if progress is not None:
@@ -297,13 +281,13 @@ class Trainer:
 
     def _after_step_io(self) -> bool:
         """Checkpoint on cadence; stop (True) at train.stop_after_steps; raise Interrupted on a signal."""
-        cfg = self.config
+        cfg, loop = self.config, self.loop
         every = cfg.train.checkpoint_every_steps
         # (not at an epoch's last step: _end_epoch saves there, and saving twice would make last.prev.pt = last.pt)
-        saved = bool(every) and self.global_step % every == 0 and self.batch_in_epoch < self.steps_per_epoch
+        saved = bool(every) and loop.global_step % every == 0 and loop.batch_in_epoch < self.steps_per_epoch
         if saved:
             self.save()
-        if cfg.train.stop_after_steps is not None and self.global_step >= cfg.train.stop_after_steps:
+        if cfg.train.stop_after_steps is not None and loop.global_step >= cfg.train.stop_after_steps:
             if not saved:
                 self.save()
             return True
@@ -314,7 +298,7 @@ class Trainer:
         if stop:
             if not saved:
                 self.save()
-            raise Interrupted(f"stopped by signal {stop} at step {self.global_step}; resume with --resume {self.run_dir}")
+            raise Interrupted(f"stopped by signal {stop} at step {loop.global_step}; resume with --resume {self.run_dir}")
         return False
 
     def _write_step_log(self) -> None:
@@ -326,31 +310,29 @@ class Trainer:
         self.step_log.clear()
 
     def _end_epoch(self, elapsed: float) -> None:
-        cfg = self.config
-        record: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"]}
-        record.update(self.stats.record())
-        if self.mutations is not None:
-            record.update(self.mutations.pop_counts())
+        cfg, loop = self.config, self.loop
+        record: dict[str, Any] = {"epoch": loop.epoch, "step": loop.global_step, "lr": self.parts.optimizer.param_groups[0]["lr"]}
+        record.update(loop.stats.record())
+        if self.parts.mutations is not None:
+            record.update(self.parts.mutations.pop_counts())
         record["epoch_seconds"] = elapsed
-        last_epoch = self.epoch + 1 == cfg.optim.epochs
+        last_epoch = loop.epoch + 1 == cfg.optim.epochs
         improved = False
-        if (self.epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
+        if (loop.epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
             record.update(evaluate_splits(self.group, self.method.eval_networks(), self.data, self.device, self.precision))
             split = "val" if self.data.val is not None else "test"
             for i in range(self.n):
-                self.best_val[i] = max(self.best_val[i], record[f"net{i}/{split}_top1"])
+                loop.best_val[i] = max(loop.best_val[i], record[f"net{i}/{split}_top1"])
             best_now = max(record[f"net{i}/{split}_top1"] for i in range(self.n))
-            if best_now > self.best_val_any:
-                self.best_val_any, improved = best_now, True
-        self.history_seconds += elapsed
-        record["wall_seconds"] = self.history_seconds
-        self.epoch += 1
-        self.batch_in_epoch = 0
-        self.stats = EpochStats(self.n)
+            if best_now > loop.best_val_any:
+                loop.best_val_any, improved = best_now, True
+        loop.history_seconds += elapsed
+        record["wall_seconds"] = loop.history_seconds
+        loop.next_epoch()
         if self.is_main:
             self.metrics.write(record)
             log.info(epoch_line(record, self.n))
-        if (self.epoch % cfg.train.checkpoint_every == 0) or last_epoch:
+        if (loop.epoch % cfg.train.checkpoint_every == 0) or last_epoch:
             self.save()
         if improved:
             self.save("best.pt")
@@ -376,6 +358,6 @@ def train(config: Config, run_dir: str | Path | None = None, resume: bool = Fals
     finally:
         # Drop the DDP wrapper (and its reducer threads) before the process group goes away; wait for
         # the other ranks only after a clean finish (after an error they may never arrive).
-        trainer.model = trainer.group
+        trainer.parts.runner = trainer.group
         gc.collect()
         dist_utils.shutdown(wait_for_peers=finished)

@@ -92,7 +92,7 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path, label):
     Trainer(tiny(*common), full_dir).fit()
     assert Trainer(tiny(*common, "train.stop_after_steps=8"), split_dir).fit() == {"stopped_at_step": 8}
     resumed = Trainer(tiny(*common), split_dir, resume=True)
-    assert resumed.global_step == 8
+    assert resumed.loop.global_step == 8
     resumed.fit()
     full, split = group_state(full_dir), group_state(split_dir)
     assert_same(full["group"], split["group"], "group")

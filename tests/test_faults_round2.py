@@ -164,9 +164,9 @@ def test_resume_applies_and_records_resumable_overrides(tmp_path, capsys):
     config = cfg.load(run_dir / "config.yaml", ["optim.lr=0.5", "optim.epochs=4", "train.nonfinite=stop",
                                                 "train.checkpoint_every=2", "train.stop_after_steps=null"])
     trainer = Trainer(config, run_dir, resume=True)
-    factor = trainer.scheduler.lr_lambdas[0](trainer.scheduler.last_epoch)
-    assert trainer.scheduler.base_lrs == [0.5] * len(trainer.optimizer.param_groups)
-    assert all(g["lr"] == 0.5 * factor and g["initial_lr"] == 0.5 for g in trainer.optimizer.param_groups)
+    factor = trainer.parts.scheduler.lr_lambdas[0](trainer.parts.scheduler.last_epoch)
+    assert trainer.parts.scheduler.base_lrs == [0.5] * len(trainer.parts.optimizer.param_groups)
+    assert all(g["lr"] == 0.5 * factor and g["initial_lr"] == 0.5 for g in trainer.parts.optimizer.param_groups)
     history = [json.loads(line) for line in (run_dir / "resumes.jsonl").read_text().splitlines()]
     assert history[-1]["step"] == 3 and history[-1]["time"]
     assert history[-1]["changed"]["optim.lr"] == [0.05, 0.5] and history[-1]["changed"]["optim.epochs"] == [2, 4]

@@ -31,7 +31,7 @@ def _poison(trainer: Trainer, at: int = BAD_STEP) -> Trainer:
     step = trainer.train_step
 
     def poisoned(x, y, index=None, views=None):
-        if trainer.global_step == at:
+        if trainer.loop.global_step == at:
             x = x.clone()
             x[0, 0, 0, 0] = float("inf")
         return step(x, y, index, views)
@@ -52,7 +52,7 @@ def test_a_nonfinite_batch_leaves_batchnorm_and_weights_untouched_and_is_counted
     step = trainer.train_step
 
     def watch(x, y, index=None, views=None):
-        if trainer.global_step == BAD_STEP:
+        if trainer.loop.global_step == BAD_STEP:
             snapshots["before"] = (_bn_buffers(trainer), [p.detach().clone() for p in trainer.group.parameters()])
             out = step(x, y, index, views)
             snapshots["after"] = (_bn_buffers(trainer), [p.detach().clone() for p in trainer.group.parameters()])
@@ -100,7 +100,7 @@ def test_stop_is_raised_when_the_late_read_sees_the_nonfinite_step(tmp_path):
     trainer = _poison(Trainer(config, run_dir=tmp_path / "r"), at=1)
     with pytest.raises(NonFiniteLossError, match=r"network\(s\) \[0, 1\] produced a non-finite loss at step 1 "):
         trainer.fit()
-    assert trainer.global_step == 3  # raised while step 3 ran: steps 0-3 are read together after it
+    assert trainer.loop.global_step == 3  # raised while step 3 ran: steps 0-3 are read together after it
 
 
 @pytest.mark.parametrize("extra", [["train.nonfinite=rebirth"], ["perturb.parameters.enabled=true"]])

@@ -239,7 +239,7 @@ def test_branched_group_trains_with_every_method(tmp_path, capsys, method, extra
     trainer = Trainer(tiny(f"method.name={method}", *extra), run_dir)
     group = trainer.group
     assert isinstance(group, BranchedGroup) and len(group) == 3
-    optimized = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    optimized = [p for g in trainer.parts.optimizer.param_groups for p in g["params"]]
     assert len({id(p) for p in optimized}) == len(optimized) == len(list(group.parameters()))
     assert sum(p.numel() for p in optimized) < 3 * sum(p.numel() for p in models.create("resnet20", 10, 1).parameters())
     assert (group.gate is not None) == (method == "one")
@@ -273,7 +273,7 @@ def test_branched_resume_is_bitwise_exact(tmp_path, method, extra):
     train(tiny(*common), full_dir)
     assert Trainer(tiny(*common, "train.stop_after_steps=4"), split_dir).fit() == {"stopped_at_step": 4}
     resumed = Trainer(tiny(*common), split_dir, resume=True)
-    assert resumed.global_step == 4
+    assert resumed.loop.global_step == 4
     resumed.fit()
     a, b = ckpt.load(full_dir / "checkpoints" / "last.pt"), ckpt.load(split_dir / "checkpoints" / "last.pt")
     assert a["group"].keys() == b["group"].keys()

@@ -79,7 +79,7 @@ def test_resume_is_bitwise_exact(tmp_path, precision, stop_at, selection):
     assert first == {"stopped_at_step": stop_at}
     assert (split_dir / "checkpoints" / "last.pt").is_file()
     resumed = Trainer(tiny(*common), split_dir, resume=True)
-    assert resumed.global_step == stop_at
+    assert resumed.loop.global_step == stop_at
     resumed.fit()
 
     assert_same_tensors(group_state(full_dir), group_state(split_dir))

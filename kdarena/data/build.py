@@ -11,12 +11,11 @@ import torch
 
 from ..config import Config, ConfigError
 from .datasets import ArrayDataset
-from .registry import load_arrays
+from .registry import IMAGE_SETS, load_arrays
 from .split import split_validation
 from .tensor_loader import TensorLoader
 
 CIFAR_LIKE = ("cifar10", "cifar100")
-IMAGE_SETS = ("imagefolder", "tiny_imagenet")  # folders / archives of image files
 log = logging.getLogger("kdarena")
 
 

@@ -10,7 +10,7 @@ Layouts (as unpacked from ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz
 Trust: the batches are pickles, and unpickling an untrusted file can run arbitrary code.  We
 therefore unpickle with a restricted :class:`pickle.Unpickler` that only resolves the handful of
 numpy globals a plain ``ndarray`` needs and refuses everything else, and we accept only a dict with
-the expected keys and types.  A corrupt or truncated file is a :class:`ValueError` naming it.
+the expected keys and types.  A corrupt or truncated file is a :class:`~kdarena.errors.DataError` naming it.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import DataError, DataFilesNotFoundError
 from .datasets import ArrayDataset, cache_dir, search_dirs
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -92,15 +93,15 @@ def _unpickle(path: str) -> dict[str, Any]:
             obj = _RestrictedUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
             KeyError, struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
-        raise ValueError(f"{path}: corrupt or truncated CIFAR pickle ({type(e).__name__}: {e})") from e
+        raise DataError(f"{path}: corrupt or truncated CIFAR pickle ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict in the CIFAR pickle, got {type(obj).__name__}")
+        raise DataError(f"{path}: expected a dict in the CIFAR pickle, got {type(obj).__name__}")
     out: dict[str, Any] = {}
     for k, v in obj.items():
         if isinstance(k, bytes):
             k = k.decode("latin1")
         if not isinstance(k, str):
-            raise ValueError(f"{path}: unexpected key {k!r} in the CIFAR pickle")
+            raise DataError(f"{path}: unexpected key {k!r} in the CIFAR pickle")
         out[k] = v
     return out
 
@@ -108,22 +109,22 @@ def _unpickle(path: str) -> dict[str, Any]:
 def _read_batch(path: str, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     d = _unpickle(path)
     if "data" not in d or label_key not in d:
-        raise ValueError(f"{path}: CIFAR batch lacks key 'data' or {label_key!r} (keys: {sorted(d)})")
+        raise DataError(f"{path}: CIFAR batch lacks key 'data' or {label_key!r} (keys: {sorted(d)})")
     data = d["data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {desc}")
+        raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {desc}")
     labels_raw = d[label_key]
     if not isinstance(labels_raw, (list, np.ndarray)):
-        raise ValueError(f"{path}: {label_key!r} must be a list of ints, got {type(labels_raw).__name__}")
+        raise DataError(f"{path}: {label_key!r} must be a list of ints, got {type(labels_raw).__name__}")
     try:
         labels = np.asarray(labels_raw, dtype=np.int64)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {label_key!r} must be a list of ints ({e})") from e
+        raise DataError(f"{path}: {label_key!r} must be a list of ints ({e})") from e
     if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
-        raise ValueError(f"{path}: {data.shape[0]} images but labels of shape {labels.shape}")
+        raise DataError(f"{path}: {data.shape[0]} images but labels of shape {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
+        raise DataError(
             f"{path}: labels must lie in [0, {num_classes}), found [{labels.min()}, {labels.max()}]"
         )
     return data, labels
@@ -138,7 +139,7 @@ def _class_names(d: str, spec: dict[str, Any]) -> list[str]:
     meta = _unpickle(path)
     names = meta.get(spec["names_key"])
     if not isinstance(names, list) or len(names) != n:
-        raise ValueError(f"{path}: expected {spec['names_key']!r} with {n} class names")
+        raise DataError(f"{path}: expected {spec['names_key']!r} with {n} class names")
     return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in names]
 
 
@@ -161,7 +162,7 @@ def _load(name: str, root: str | None, download: bool) -> tuple[ArrayDataset, Ar
         d = download_and_extract(spec["url"], base, spec["top"], md5=spec["md5"])
     if d is None:
         lines = "\n  ".join(searched)
-        raise FileNotFoundError(
+        raise DataFilesNotFoundError(
             f"{name} not found: no directory holds {', '.join(spec['train'] + spec['test'])}.\n"
             f"Searched:\n  {lines}\n"
             f"Fixes: unpack {spec['url'].rsplit('/', 1)[1]} into one of these (or point root / "

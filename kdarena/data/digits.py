@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import MissingExtraError
 from .datasets import ArrayDataset
 from .split import stratified_holdout
 
@@ -22,7 +23,7 @@ def load_digits(root: str | None = None, download: bool = False) -> tuple[ArrayD
     try:
         from sklearn.datasets import load_digits as _sk_load_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
+        raise MissingExtraError(
             "the 'digits' data set needs scikit-learn: pip install scikit-learn "
             "(or pip install 'kdarena[data]')"
         ) from e

@@ -17,6 +17,12 @@ import urllib.error
 import urllib.request
 from typing import Sequence
 
+from ..errors import DataError
+
+
+class DownloadError(DataError, RuntimeError):
+    """No URL gave the file (network error or checksum mismatch); the message lists every URL tried."""
+
 _CHUNK = 1 << 22
 
 
@@ -42,7 +48,7 @@ def download_file(
 ) -> str:
     """Download the first working URL of ``urls`` to ``dest`` atomically and return ``dest``.
 
-    An existing ``dest`` with the right checksum is kept.  Raises :class:`RuntimeError` listing
+    An existing ``dest`` with the right checksum is kept.  Raises :class:`DownloadError` listing
     every URL tried when all fail (network error or checksum mismatch).
     """
     if isinstance(urls, str):
@@ -68,7 +74,7 @@ def download_file(
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise RuntimeError(f"could not download {os.path.basename(dest)}:\n  " + "\n  ".join(errors))
+    raise DownloadError(f"could not download {os.path.basename(dest)}:\n  " + "\n  ".join(errors))
 
 
 def _fetch(url: str, out, timeout: float, progress: bool) -> None:
@@ -98,9 +104,9 @@ def _safe_members(tar: tarfile.TarFile, dest: str) -> list[tarfile.TarInfo]:
     for m in tar.getmembers():
         target = os.path.realpath(os.path.join(dest, m.name))
         if os.path.isabs(m.name) or not (target == dest or target.startswith(dest + os.sep)):
-            raise ValueError(f"refusing to extract {m.name!r}: path leaves the target directory")
+            raise DataError(f"refusing to extract {m.name!r}: path leaves the target directory")
         if not (m.isfile() or m.isdir()):
-            raise ValueError(f"refusing to extract {m.name!r}: not a regular file or directory")
+            raise DataError(f"refusing to extract {m.name!r}: not a regular file or directory")
         members.append(m)
     return members
 
@@ -124,10 +130,10 @@ def extract_tar(archive: str, dest_dir: str, top: str) -> str:
                 else:  # pragma: no cover - Python without extraction filters
                     tar.extractall(tmp, members=members)
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise ValueError(f"{archive}: corrupt or truncated archive ({e})") from e
+            raise DataError(f"{archive}: corrupt or truncated archive ({e})") from e
         src = os.path.join(tmp, top)
         if not os.path.isdir(src):
-            raise ValueError(f"{archive}: expected a top-level directory {top!r} in the archive")
+            raise DataError(f"{archive}: expected a top-level directory {top!r} in the archive")
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(src, final)

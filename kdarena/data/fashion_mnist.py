@@ -3,7 +3,7 @@
 The files may be gzip-compressed (``.gz``) or raw.  Parsing is strict: the magic number (uint8
 data, expected number of dimensions), the dimensions and the exact payload size must all agree,
 and any problem -- including gzip/CRC errors from a truncated download -- is a
-:class:`ValueError` naming the file.
+:class:`~kdarena.errors.DataError` naming the file.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import zlib
 import numpy as np
 import torch
 
+from ..errors import DataError, DataFilesNotFoundError
 from .datasets import ArrayDataset, cache_dir, search_dirs
 
 NAME = "fashion_mnist"
@@ -52,9 +53,9 @@ def _read_bytes(path: str) -> bytes:
         try:
             return gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:
-            raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from e
+            raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from e
     if path.endswith(".gz"):
-        raise ValueError(f"{path}: not a gzip file (bad gzip magic number)")
+        raise DataError(f"{path}: not a gzip file (bad gzip magic number)")
     return raw
 
 
@@ -62,21 +63,21 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     """Parse an IDX file of uint8 values with ``ndim`` dimensions, strictly."""
     data = _read_bytes(path)
     if len(data) < 4:
-        raise ValueError(f"{path}: truncated IDX file ({len(data)} bytes, no complete header)")
+        raise DataError(f"{path}: truncated IDX file ({len(data)} bytes, no complete header)")
     if data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path}: bad IDX magic number {data[:4].hex()} (must start with 0000)")
+        raise DataError(f"{path}: bad IDX magic number {data[:4].hex()} (must start with 0000)")
     if data[2] != _IDX_UINT8:
-        raise ValueError(f"{path}: bad IDX magic number {data[:4].hex()}: data type 0x{data[2]:02x}, expected 0x08 (uint8)")
+        raise DataError(f"{path}: bad IDX magic number {data[:4].hex()}: data type 0x{data[2]:02x}, expected 0x08 (uint8)")
     if data[3] != ndim:
-        raise ValueError(f"{path}: bad IDX magic number {data[:4].hex()}: {data[3]} dimensions, expected {ndim}")
+        raise DataError(f"{path}: bad IDX magic number {data[:4].hex()}: {data[3]} dimensions, expected {ndim}")
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f"{path}: truncated IDX header ({len(data)} of {header} bytes)")
+        raise DataError(f"{path}: truncated IDX header ({len(data)} of {header} bytes)")
     dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     size = int(np.prod(dims, dtype=np.int64))
     if len(data) - header != size:
         what = "truncated" if len(data) - header < size else "trailing bytes after the data"
-        raise ValueError(
+        raise DataError(
             f"{path}: {what}: dimensions {dims} need {size} data bytes, file has {len(data) - header}"
         )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
@@ -116,9 +117,9 @@ def _load_split(d: str, split: str) -> ArrayDataset:
     images = read_idx(ipath, 3)
     labels = read_idx(lpath, 1)
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{ipath} has {images.shape[0]} images but {lpath} has {labels.shape[0]} labels")
+        raise DataError(f"{ipath} has {images.shape[0]} images but {lpath} has {labels.shape[0]} labels")
     if labels.size and int(labels.max()) >= len(CLASSES):
-        raise ValueError(f"{lpath}: label {int(labels.max())} out of range [0, {len(CLASSES)})")
+        raise DataError(f"{lpath}: label {int(labels.max())} out of range [0, {len(CLASSES)})")
     return ArrayDataset(
         images=torch.from_numpy(images).unsqueeze(1).contiguous(),
         labels=torch.from_numpy(labels.astype(np.int64)),
@@ -139,7 +140,7 @@ def load_fashion_mnist(root: str | None = None, download: bool = False) -> tuple
         d = target
     if d is None:
         lines = "\n  ".join(searched)
-        raise FileNotFoundError(
+        raise DataFilesNotFoundError(
             "Fashion-MNIST not found: no directory holds all of "
             f"{', '.join(s + '[.gz]' for s in FILES.values())}.\nSearched:\n  {lines}\n"
             "Fixes: `apt-get install dataset-fashion-mnist` (installs /usr/share/datasets/fashion-mnist), "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..errors import ConfigError
 from .cifar import load_cifar10, load_cifar100
 from .datasets import ArrayDataset
 from .digits import load_digits
@@ -21,6 +22,10 @@ _LOADERS: dict[str, Callable[..., tuple[ArrayDataset, ArrayDataset]]] = {
 
 #: Names accepted by :func:`load_arrays`.
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
+#: folders / archives of image files (:mod:`kdarena.data.images`)
+IMAGE_SETS: tuple[str, ...] = ("imagefolder", "tiny_imagenet")
+#: every ``data.name`` a config may give
+NAMES: tuple[str, ...] = DATASETS + IMAGE_SETS
 
 
 def load_arrays(
@@ -42,5 +47,5 @@ def load_arrays(
             if key == "imagefolder"
             else " (for a folder of images, use 'imagefolder', which goes through load_imagefolder)."
         )
-        raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}.{hint}")
+        raise ConfigError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}.{hint}")
     return _LOADERS[key](root=root, download=download)

@@ -82,7 +82,10 @@ def previous_path(path: Path) -> Path:
 
 def save_atomic(state: dict[str, Any], path: str | Path, keep_previous: bool = True) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(f"cannot create the checkpoint folder {path.parent}: {error.strerror or error}") from error
     _remove_stale_temporaries(path)
     # the PID in the name tells whose file it is (see _remove_stale_temporaries)
     fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
@@ -103,8 +106,11 @@ def save_atomic(state: dict[str, Any], path: str | Path, keep_previous: bool = T
             _keep_previous(path)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # a full disk, no permission: the user's to fix, the previous file is intact
+            raise CheckpointError(f"cannot write checkpoint {path}: {error.strerror or error}; the previous checkpoint is "
+                                  "kept: free disk space (or fix the permissions), then resume") from error
         raise
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -40,7 +42,7 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("train.device is cuda but no CUDA device is available; use train.device=cpu")
+            raise ConfigError("train.device is cuda but no CUDA device is available; use train.device=cpu")
         if info.enabled:
             device = torch.device("cuda", info.local_rank)
         elif device.index is None:

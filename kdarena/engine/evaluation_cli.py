@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import apply_overrides, validate
+from ..errors import ConfigError
 from ..methods import registry
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
@@ -19,7 +20,7 @@ def evaluate_checkpoint(path: str, split: str = "test", overrides: list[str] | N
     data, group = build_data_and_group(config, device, info, registry.build(config.method).needs)
     loader = data.val if split == "val" else data.test
     if loader is None:
-        raise ValueError("the run has no validation split (data.val_size=0); use --split test")
+        raise ConfigError("the run has no validation split (data.val_size=0); use --split test")
     try:
         group.load_state_dict(state["group"])
     except RuntimeError as error:  # other models, or a data set with other channels / classes

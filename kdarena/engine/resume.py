@@ -6,17 +6,16 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import yaml
 
-from .. import __version__
-from ..config import ConfigError, flatten, marked_keys, to_dict
+from ..config import Config, ConfigError, flatten, marked_keys, to_dict
+from ..version import __version__
+from .build import Parts
 from .checkpoint import FORMAT, CheckpointError, UnsafeCheckpointError, load, previous_path, rng_state, set_rng_state
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
+from .loop_state import LoopState
 
 log = logging.getLogger("kdarena")
 
@@ -128,61 +127,51 @@ def check_compatible(state: dict[str, Any], path: Path, config: dict[str, Any], 
         )
 
 
-def capture(trainer: "Trainer") -> dict[str, Any]:
-    """A trainer's whole state as a checkpoint dict (plain containers and tensors: loads with weights_only)."""
-    t = trainer
+def capture(config: Config, parts: Parts, loop: LoopState, world_size: int) -> dict[str, Any]:
+    """A run's whole state as a checkpoint dict (plain containers and tensors: loads with weights_only)."""
     return {
         "format": FORMAT,
         "version": __version__,
-        "config": to_dict(t.config),
-        "group": t.group.state_dict(),
-        "optimizer": t.optimizer.state_dict(),
-        "scheduler": t.scheduler.state_dict(),
-        "scaler": t.scaler.state_dict(),
-        "method": t.method.state_dict(),
-        "perturb": t.perturber.state_dict() if t.perturber else None,
-        "mutation": t.mutations.state_dict() if t.mutations else None,
-        "epoch": t.epoch,
-        "batch_in_epoch": t.batch_in_epoch,
-        "global_step": t.global_step,
-        "stats": t.stats.state_dict(),
-        "best_val": t.best_val,
-        "best_val_any": t.best_val_any,
-        "history_seconds": t.history_seconds,
+        "config": to_dict(config),
+        "group": parts.group.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "method": parts.method.state_dict(),
+        "perturb": parts.perturber.state_dict() if parts.perturber else None,
+        "mutation": parts.mutations.state_dict() if parts.mutations else None,
+        **loop.state_dict(),
         "rng": rng_state(),
-        "world_size": t.info.world_size,
+        "world_size": world_size,
     }
 
 
-def restore(trainer: "Trainer") -> None:
-    """Load the run's last (or previous) checkpoint into ``trainer``; nothing to do before the first one."""
-    t = trainer
-    state, path = load_for_resume(t.checkpoint_dir / "last.pt", t.device, t.is_main)
+def restore(run_dir: Path, config: Config, parts: Parts, loop: LoopState, device: torch.device, is_main: bool,
+            world_size: int) -> None:
+    """Load the run's last (or previous) checkpoint into ``parts`` and ``loop``; nothing to do before the first one."""
+    state, path = load_for_resume(run_dir / "checkpoints" / "last.pt", device, is_main)
     if state is None:
         # Stopped (e.g. killed) before its first checkpoint: nothing to restore, start from step 0.
-        if t.is_main:
-            log.warning("%s holds no checkpoint yet; starting the run from the beginning", t.run_dir)
+        if is_main:
+            log.warning("%s holds no checkpoint yet; starting the run from the beginning", run_dir)
         return
-    config = to_dict(t.config)
-    check_compatible(state, path, config, t.config.data.batch_size, t.info.world_size)
+    current = to_dict(config)
+    check_compatible(state, path, current, config.data.batch_size, world_size)
     try:
-        t.group.load_state_dict(state["group"])
+        parts.group.load_state_dict(state["group"])
     except RuntimeError as error:
         raise CheckpointError(f"checkpoint {path} does not fit the configured models: {str(error).splitlines()[0]}") from None
-    t.optimizer.load_state_dict(state["optimizer"])
-    t.scheduler.load_state_dict(state["scheduler"])
-    if state["config"].get("optim") != config["optim"]:  # e.g. optim.lr=0.01 on resume
-        apply_lr(t.optimizer, t.scheduler, t.config.optim.lr)
-    t.scaler.load_state_dict(state["scaler"])
-    t.method.load_state_dict(state["method"])
-    if t.perturber is not None and state["perturb"] is not None:
-        t.perturber.load_state_dict(state["perturb"])
-    if t.mutations is not None and state.get("mutation") is not None:
-        t.mutations.load_state_dict(state["mutation"])
-    t.epoch, t.batch_in_epoch, t.global_step = state["epoch"], state["batch_in_epoch"], state["global_step"]
-    t.stats.load_state_dict(state["stats"])
-    t.best_val, t.best_val_any = state["best_val"], state["best_val_any"]
-    t.history_seconds = state["history_seconds"]
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    if state["config"].get("optim") != current["optim"]:  # e.g. optim.lr=0.01 on resume
+        apply_lr(parts.optimizer, parts.scheduler, config.optim.lr)
+    parts.scaler.load_state_dict(state["scaler"])
+    parts.method.load_state_dict(state["method"])
+    if parts.perturber is not None and state["perturb"] is not None:
+        parts.perturber.load_state_dict(state["perturb"])
+    if parts.mutations is not None and state.get("mutation") is not None:
+        parts.mutations.load_state_dict(state["mutation"])
+    loop.load_state_dict(state)
     set_rng_state(state["rng"])
-    if t.is_main:
-        log.info("resumed from %s at epoch %d, batch %d", path, t.epoch, t.batch_in_epoch)
+    if is_main:
+        log.info("resumed from %s at epoch %d, batch %d", path, loop.epoch, loop.batch_in_epoch)

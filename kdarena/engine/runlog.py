@@ -22,6 +22,12 @@ class RunDirError(UserError, RuntimeError):
     """The run directory cannot be used as asked; the message says why and what to do."""
 
 
+def write_failed(path: Path, error: OSError) -> RunDirError:
+    """A run file that cannot be written (a full disk, no permission) as the user's one-line error."""
+    return RunDirError(f"cannot write {path}: {error.strerror or error}; free disk space or fix the permissions "
+                       f"(the files written before are kept), then resume")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -30,8 +36,10 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:  # e.g. a full disk: leave the old file, and no temporary one
+    except BaseException as error:  # e.g. a full disk: leave the old file, and no temporary one
         tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise write_failed(path, error) from error
         raise
 
 
@@ -65,6 +73,13 @@ def prepare(run_dir: Path, resume: bool, force: bool) -> IO[str] | None:
 
     ``force`` never deletes: the old directory is renamed to ``<name>.old-<timestamp>[-k]``.
     """
+    try:
+        return _prepare(run_dir, resume, force)
+    except OSError as error:  # e.g. no permission to create it, a file in its place
+        raise RunDirError(f"cannot use run directory {run_dir}: {error.strerror or error}; choose another with --out") from error
+
+
+def _prepare(run_dir: Path, resume: bool, force: bool) -> IO[str] | None:
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise RunDirError(f"cannot resume: {run_dir} holds no run (no config.yaml); start a new run without --resume")
@@ -118,10 +133,13 @@ class MetricsLog:
                 self.writer = None
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            raise write_failed(self.path, error) from error
         if self.writer is not None:
             step = record["epoch"]
             for key, value in record.items():

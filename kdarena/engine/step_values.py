@@ -4,19 +4,29 @@ After the backward pass the trainer needs each network's loss (the non-finite po
 logs), the teacher, each network's count of correct training predictions and the method's named
 terms. Reading each would synchronise with the device several times per step; instead they are
 packed into one tensor, reduced across processes in one collective under torchrun, and read
-with one ``tolist()``: every step (``train.host_every=1``), or every k steps for k steps at once
-(:class:`PendingValues`), so the device never waits for the host in between.
+with one ``tolist()`` every k steps (``train.host_every``) for k steps at once (:class:`PendingValues`),
+so the device never waits for the host in between.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..methods import GroupLosses
+from ..perturb import Perturbation
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What the host decided for a step before running it (kept with its numbers until they are read)."""
+
+    step: int
+    perturbation: Perturbation | None
+    mutated: int | None  # the network whose weights were mutated this step
 
 
 @dataclass
@@ -78,26 +88,19 @@ def pack(losses: GroupLosses, logits: Sequence[Tensor], y: Tensor,
     return Packed(torch.cat([loss, teacher, hits, terms, batch]), n, names, world_size if all_reduce_sum is not None else 1)
 
 
-def gather(losses: GroupLosses, logits: Sequence[Tensor], y: Tensor,
-           all_reduce_sum: Callable[[Tensor], Tensor] | None = None, world_size: int = 1) -> StepValues:
-    """Pack, reduce and read one step's numbers now (one host transfer)."""
-    packed = pack(losses, logits, y, all_reduce_sum, world_size)
-    return packed.values(packed.tensor.tolist())
-
-
 class PendingValues:
     """Steps whose numbers stay on the device until :meth:`drain` reads them all in one transfer."""
 
     def __init__(self) -> None:
-        self._steps: list[tuple[Packed, Any]] = []
+        self._steps: list[tuple[Packed, StepContext]] = []
 
     def __len__(self) -> int:
         return len(self._steps)
 
-    def push(self, packed: Packed, context: Any) -> None:
+    def push(self, packed: Packed, context: StepContext) -> None:
         self._steps.append((packed, context))
 
-    def drain(self) -> list[tuple[StepValues, Any]]:
+    def drain(self) -> list[tuple[StepValues, StepContext]]:
         """Every pending step's values (in order) with the context it was pushed with."""
         if not self._steps:
             return []

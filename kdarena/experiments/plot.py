@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.runlog import read_metrics
-from ..errors import UserError
+from ..errors import MissingExtraError, UserError
 from ..methods import registry as method_registry
 from . import run_folders
 
@@ -31,7 +31,7 @@ def _matplotlib():
         from matplotlib.figure import Figure
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401  (Agg canvas)
     except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install 'kdarena[plot]'") from None
+        raise MissingExtraError("plotting needs matplotlib: pip install 'kdarena[plot]'") from None
     return Figure
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import MissingExtraError
+
 TIMM_MISSING = "timm is not installed: pip install 'kdarena[timm]'"
 
 
@@ -67,7 +69,7 @@ def create_timm(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any
     try:
         import timm
     except ImportError as exc:
-        raise ImportError(TIMM_MISSING) from exc
+        raise MissingExtraError(TIMM_MISSING) from exc
     if not name:
         raise ValueError("empty timm model name: use 'timm:NAME', e.g. 'timm:resnet18'")
     kwargs.setdefault("pretrained", False)
