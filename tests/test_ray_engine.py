@@ -135,6 +135,15 @@ def test_embedded_ray_gives_the_local_engines_summaries(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "ray")]) == 0
     assert "| dml " in capsys.readouterr().out
 
+    # A run that fails by itself (a non-finite loss with train.nonfinite=stop) is recorded as failed, once.
+    diverges = "diverges:method.name=independent;optim.lr=1e30;train.nonfinite=stop"
+    with pytest.raises(SweepError, match=r"1 of 3 runs failed: diverges-seed0 \(NonFiniteLossError: network"):
+        run_sweep(config, [], f"independent,dml,{diverges}", "0", tmp_path / "ray", engine="ray")
+    index = _runs(tmp_path / "ray")
+    assert index["diverges-seed0"]["status"] == "failed" and "non-finite loss" in index["diverges-seed0"]["error"]
+    assert index["dml-seed0"]["status"] == "skipped" and len(index["dml-seed0"]["node"]) == 56  # where it once trained
+    assert not list((tmp_path / "ray").glob("diverges-seed0.old-*"))  # not run again (a retry would move it aside)
+
 
 # ----------------------------------------------------------------------------- a cluster on this machine
 @pytest.fixture(scope="module")
