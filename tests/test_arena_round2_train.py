@@ -50,7 +50,7 @@ def test_each_method_trains_end_to_end_with_its_heads(tmp_path, capsys, label):
     kind = KIND[label.split("-")[0]]
     heads = [heads_of(net) for net in trainer.group.networks]
     assert all(h is not None and h.kinds() == [kind] for h in heads)
-    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    optimized = {id(p) for g in trainer.parts.optimizer.param_groups for p in g["params"]}
     assert all(id(p) in optimized for h in heads for p in h.parameters())  # the heads train with the networks
     before = [p.detach().clone() for h in heads for p in h.parameters()]
     trainer.fit()

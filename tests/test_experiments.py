@@ -9,7 +9,8 @@ import yaml
 from kdarena import cli
 from kdarena.config import ConfigError
 from kdarena.experiments.plot import plot_path
-from kdarena.experiments.report import pooled_std, sample_std, write_report
+from kdarena.experiments.report import write_report
+from kdarena.experiments.stats import pooled_std, sample_std
 from kdarena.experiments.sweep import SweepError, presets, parse_method, parse_methods, parse_seeds, run_sweep
 
 pytestmark = pytest.mark.slow

@@ -1,8 +1,7 @@
-"""``train.nonfinite=skip`` decided on the device, for steps whose numbers the host reads later.
+"""A diverged network's optimizer step undone on the device, without waiting for the host.
 
-When the host reads each step's losses (``train.host_every=1``) it drops a diverged network's
-gradients before the optimizer step (``grad = None``: the optimizer leaves it alone). When it reads
-them only every k steps, the decision has to be taken on the device, without waiting:
+Every step, whatever ``train.host_every`` (the host reads the losses after the step, every step or
+every k steps; :class:`~kdarena.engine.recovery.NonFinitePolicy` then counts, stops or re-births):
 
 1. before the optimizer step, the gradients of non-finite networks are zeroed (so gradient
    clipping and fp16's GradScaler see finite numbers and the other networks step normally), and

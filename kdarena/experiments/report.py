@@ -23,7 +23,7 @@ from ..engine.runlog import atomic_write_text
 from ..errors import UserError
 from ..methods import registry as method_registry
 from . import run_folders
-from .stats import Paired, mean, paired_difference, pooled_std, sample_std  # noqa: F401  (re-exported)
+from .stats import Paired, mean, paired_difference, sample_std
 
 #: Prefixes of the keys that define the method (they may differ between the runs of one experiment).
 _METHOD_PREFIXES = ("seed", "method.", "perturb.")
