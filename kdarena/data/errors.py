@@ -1,20 +1,20 @@
-"""The errors of image folders and archives (one line for the user, exit 2: see :mod:`kdarena.errors`).
+"""The errors of image folders and archives: :class:`kdarena.errors.DataError` s (one line, exit 2).
 
-They also derive from ``ValueError`` (and a missing folder from ``FileNotFoundError``) so that code
-written against the older plain types keeps catching them.
+Like every ``DataError`` they are also ``ValueError`` s (a missing folder a ``FileNotFoundError``),
+so code written against the older plain types keeps catching them.
 """
 from __future__ import annotations
 
-from ..errors import UserError
+from ..errors import DataError, DataFilesNotFoundError
 
 
-class ImageDataError(UserError, ValueError):
+class ImageDataError(DataError):
     """A problem with an image folder or archive; the message is one line naming it and the fix."""
 
 
-class BadImageError(UserError, ValueError):
+class BadImageError(DataError):
     """An image file that cannot be decoded; the message names the file and the fix."""
 
 
-class DataNotFoundError(ImageDataError, FileNotFoundError):
+class DataNotFoundError(ImageDataError, DataFilesNotFoundError):
     """An image folder or archive that is not there."""

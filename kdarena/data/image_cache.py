@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .datasets import cache_dir
+from .errors import ImageDataError
 from .sources import Source
 from .walk import sha256_regular
 
@@ -83,7 +84,10 @@ def source_fingerprint(path: str, src: Source | None = None, mode: str = "stat")
     ``src`` is the folder already scanned by :func:`~kdarena.data.sources.open_source` (else it is scanned).
     """
     if os.path.isfile(path):
-        return "file:" + sha256_regular(path)
+        try:
+            return "file:" + sha256_regular(path)
+        except OSError as e:
+            raise ImageDataError(f"cannot read {path}: {e.strerror or e}; check its permissions") from e
     if mode not in FINGERPRINTS:
         raise ValueError(f"fingerprint mode {mode!r} is not one of {FINGERPRINTS}")
     if src is None:
