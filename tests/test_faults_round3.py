@@ -111,6 +111,22 @@ def test_file_links_count_inside_the_root_only(tmp_path):
     assert_labels_follow_pixels(tr)
 
 
+def test_a_split_folder_linked_from_outside_is_refused_when_streamed_too(tmp_path, capsys):
+    elsewhere = two_classes(tmp_path / "elsewhere")
+    root = tmp_path / "f"
+    (root / "val").mkdir(parents=True)
+    shutil.copytree(elsewhere / "val", root / "val", dirs_exist_ok=True)
+    os.symlink(elsewhere / "train", root / "train")
+    with pytest.warns(UserWarning, match="train: a link out of the data root"), pytest.raises(ImageDataError, match="expected train/"):
+        load(root)  # in memory: the link is skipped
+    from kdarena.config import load as load_config
+    from kdarena.data.build import build_data
+    config = load_config(None, ["data.name=imagefolder", f"data.root={root}", "data.cache_max_gb=0", "data.val_size=0",
+                                "data.batch_size=2", "data.num_workers=0", "train.progress=false"])
+    with pytest.raises(ImageDataError, match=r"train is a link out of the data root .*point data.root at"):
+        build_data(config, torch.device("cpu"))  # streamed: refused too, not walked
+
+
 # ============================================================================== 2. FIFOs and devices
 def test_fifo_and_dev_zero_named_png_neither_hang_nor_exhaust_memory(tmp_path):
     root = two_classes(tmp_path / "f")

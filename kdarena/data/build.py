@@ -93,8 +93,10 @@ def _array_loaders(config: Config, device: torch.device, rank: int, world: int, 
 
 
 def _folder_loaders(config: Config, device: torch.device, rank: int, world: int) -> DataBundle:
+    from .errors import ImageDataError
     from .folder_loader import FolderLoader
     from .imagefolder import ImageFolder
+    from .walk import inside_root
 
     d = config.data
     if d.classes is not None:
@@ -105,6 +107,10 @@ def _folder_loaders(config: Config, device: torch.device, rank: int, world: int)
     test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise ConfigError(f"data.root={d.root!r} must contain train/ and val/ (or test/) folders of class sub-folders")
+    for split_dir in (root / "train", test_dir):  # as the in-memory walk: never a link out of the data root
+        if not inside_root(os.path.realpath(root), os.path.realpath(split_dir)):
+            raise ImageDataError(f"{split_dir} is a link out of the data root {root}; kdarena reads only files inside it: "
+                                 f"point data.root at the folder holding {os.path.realpath(split_dir)}, or copy it in")
     size = d.image_size or 224  # only folders too large to decode into memory come here
     train = ImageFolder(str(root / "train"), size, skip_bad=d.skip_bad_images)
     test = ImageFolder(str(test_dir), size, skip_bad=d.skip_bad_images)

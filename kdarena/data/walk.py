@@ -49,14 +49,15 @@ def _entry(path: str, st: os.stat_result) -> FileEntry:
     return FileEntry(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
-def _inside(root: str, target: str) -> bool:
+def inside_root(root: str, target: str) -> bool:
+    """Whether the resolved path ``target`` is ``root`` (resolved) or lies under it."""
     return target == root or target.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _follow(root: str, link: str) -> tuple[FileEntry | None, str]:
     """The file a link stands for, or (None, why it is not read)."""
     target = os.path.realpath(link)
-    if not _inside(root, target):
+    if not inside_root(root, target):
         return None, f"a link out of the data root (to {target})"
     try:
         st = os.stat(target)
@@ -106,7 +107,7 @@ def scan_folder(root: str, wanted: Callable[[str], bool]) -> FolderScan:
             else:
                 found, why = None, "not a regular file (a FIFO, device or socket)"
             if found is None:
-                if wanted(rel) or "folder" in why:
+                if wanted(rel) or os.path.isdir(e.path):  # a skipped folder is named whatever its name
                     scan.skipped.append((rel, why))
             elif wanted(rel):
                 scan.files[rel] = found
