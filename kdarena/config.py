@@ -64,7 +64,7 @@ class DataConfig(_Section):
     crop_padding: Optional[int] = Field(None, ge=0, description="random-crop padding (default: 4 for CIFAR, 0 otherwise)")
     flip: Optional[bool] = Field(None, description="random horizontal flip (default: on for CIFAR and image folders)")
     image_size: Optional[int] = Field(None, ge=8, description="image folders: resize (shorter side, area filter) and centre-crop "
-                                      "size (default: the images' own size up to 64 px, else 224)")
+                                      "size (default: the median of the images' shorter sides when at most 64 px, else 224; streamed folders: 224)")
     num_workers: int = Field(4, ge=0, json_schema_extra=BOOKKEEPING, description="image folders: DataLoader workers")
     train_subset: Optional[int] = Field(None, ge=1, description="use only this many training samples (quick tests)")
     classes: Optional[int] = Field(None, ge=2, description="keep only the first K classes (in the data set's class order) "
