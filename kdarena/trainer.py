@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .config import Config, dump, to_dict
+from .data.build import DataBundle
 from .engine import checkpoint as ckpt, distributed as dist_utils, resume as resuming
 from .engine.build import Parts, build_parts
 from .engine.device_skip import DeviceSkip
@@ -32,7 +33,8 @@ from .engine.runlog import MetricsLog, atomic_write_text, install_stop_handlers,
 from .engine.stats import summarize
 from .engine.step_values import Packed, PendingValues, StepContext, StepValues, pack
 from .losses import cross_entropy
-from .methods import GroupLosses, StepInput
+from .group import Group
+from .methods import GroupLosses, GroupMethod, StepInput
 from .perturb import GroupBatchNormSnapshot, Perturbation, frozen_bn_stats
 from .version import __version__
 
@@ -64,7 +66,6 @@ class Trainer:
             log.info("train.precision=auto: %s on this %s", self.precision, self.device.type)
 
         self.parts = parts = parts if parts is not None else build_parts(config, self.device, self.info)
-        self.data, self.group, self.method = parts.data, parts.group, parts.method  # read on every step
         self.n = len(self.group)
         self.needs = self.method.needs
         self.steps_per_epoch = len(self.data.train)
@@ -94,6 +95,19 @@ class Trainer:
         except BaseException:
             self.release_run_dir()
             raise
+
+    # the parts read on every step, by name (stored once, in self.parts)
+    @property
+    def data(self) -> DataBundle:
+        return self.parts.data
+
+    @property
+    def group(self) -> Group:
+        return self.parts.group
+
+    @property
+    def method(self) -> GroupMethod:
+        return self.parts.method
 
     def release_run_dir(self) -> None:
         """Unlock the run directory (the run is over); another run may use it from now on."""
