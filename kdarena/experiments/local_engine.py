@@ -25,10 +25,11 @@ class LocalEngine:
             config.train.threads = max(1, (os.cpu_count() or 1) // self.jobs)
 
     def run(self, exp_dir: Path, runs: Sequence[tuple[str, cfg.Config, Path]], done: Callable[[str, dict[str, Any]], None]) -> None:
-        """Train ``(name, config, run_dir)`` each; ``done(name, outcome)`` as each finishes (see :func:`execute_run`)."""
+        """Train ``(name, config, run_dir)`` each; ``done(name, outcome)`` as each finishes (see :func:`execute_run`).
+        A run interrupted here was stopped by Ctrl-C (or SIGTERM), which was meant for the whole sweep: it stops."""
         if self.jobs == 1:
             for name, config, run_dir in runs:
-                done(name, execute_run(cfg.to_dict(config), str(run_dir)))
+                _done_or_stop(done, name, execute_run(cfg.to_dict(config), str(run_dir)))
             return
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -36,4 +37,10 @@ class LocalEngine:
         with ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(execute_run, cfg.to_dict(config), str(run_dir)): name for name, config, run_dir in runs}
             for future in as_completed(futures):
-                done(futures[future], future.result())
+                _done_or_stop(done, futures[future], future.result())
+
+
+def _done_or_stop(done: Callable[[str, dict[str, Any]], None], name: str, outcome: dict[str, Any]) -> None:
+    done(name, outcome)
+    if "interrupted" in outcome:
+        raise KeyboardInterrupt(outcome["interrupted"])

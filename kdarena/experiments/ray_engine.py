@@ -7,12 +7,12 @@
   with GPUs), or ``--gpus-per-run F`` (e.g. 0.25: four small runs share one GPU).
 * Run directories are written by the workers, so ``--out`` must be a folder every node sees (NFS,
   Lustre, a shared volume): a probe task on each node checks that before anything trains.
-* A lost node (or a worker stopped by SIGTERM, e.g. a preempted machine) fails the task with a system
-  error and Ray runs it again elsewhere (up to :data:`RETRIES` times); the run resumes from the last
-  checkpoint in its folder (see :mod:`.run_task`). A run that fails by itself returns its error as data:
-  recorded as failed, never retried.
-* Ctrl-C cancels the sweep's tasks (each checkpoints if it can); the same command again skips finished
-  runs and resumes the others.
+* A lost node fails the task with a system error and Ray runs it again elsewhere (up to :data:`RETRIES`
+  times); the run resumes from the last checkpoint in its folder (see :mod:`.run_task`). A run that
+  fails by itself returns its error as data: recorded as failed, never retried. A run stopped by a
+  signal on its node (SIGTERM) checkpoints and is recorded as interrupted; the others go on.
+* Ctrl-C cancels the sweep's tasks (their workers are killed; each run keeps its last checkpoint); the
+  same command again skips finished runs and resumes the others.
 """
 from __future__ import annotations
 
@@ -27,16 +27,12 @@ from .run_task import error_text, execute_run
 
 #: times Ray runs a task again after its node or worker died (a run's own failure is never retried)
 RETRIES = 3
-#: seconds to wait for cancelled tasks to checkpoint and stop before their workers are killed
-CANCEL_GRACE_S = 30.0
+#: seconds to wait for the workers of cancelled tasks to be gone (a rerun must not meet them in a run folder)
+CANCEL_WAIT_S = 30.0
 
 
 class RayEngineError(UserError):
     """Ray is missing, or the cluster cannot run this sweep (a node cannot see --out)."""
-
-
-class RunStopped(Exception):
-    """A run stopped by a signal on its node (it checkpointed first): Ray retries it, elsewhere if the node goes."""
 
 
 def import_ray(embedded: bool = False):
@@ -56,8 +52,6 @@ def _run_on_node(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     import ray
 
     outcome = execute_run(config, run_dir)
-    if "interrupted" in outcome:
-        raise RunStopped(outcome["interrupted"])
     context = ray.get_runtime_context()
     outcome["node"] = context.get_node_id()
     outcome["node_ip"] = ray.util.get_node_ip_address()
@@ -147,7 +141,7 @@ class RayEngine:
             self.check_storage(exp_dir)
             task = ray.remote(_run_on_node)
             gpus = ray.cluster_resources().get("GPU", 0)
-            pending = {task.options(max_retries=RETRIES, retry_exceptions=[RunStopped], **self.resources(config, gpus))
+            pending = {task.options(max_retries=RETRIES, **self.resources(config, gpus))
                        .remote(cfg.to_dict(config), str(run_dir.resolve())): name for name, config, run_dir in runs}
             try:
                 while pending:
@@ -166,12 +160,11 @@ class RayEngine:
                 ray.shutdown()
 
     def _cancel(self, refs: list) -> None:
-        """Cancel the unfinished tasks: first as Ctrl-C (the trainer checkpoints and stops), then by force."""
+        """Cancel the unfinished tasks and wait until their workers are gone. By force: a task cancelled gently
+        (a KeyboardInterrupt in the worker) that then returns can crash the driver in Ray 2.60 ("Tried to
+        complete task that was not pending"); the killed runs lose at most the epoch since their last checkpoint."""
         ray = self.ray
         for ref in refs:
-            ray.cancel(ref)
-        _, alive = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S) if refs else ([], [])
-        for ref in alive:
             ray.cancel(ref, force=True)
-        if alive:
-            ray.wait(alive, num_returns=len(alive), timeout=CANCEL_GRACE_S)
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)

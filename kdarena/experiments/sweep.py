@@ -200,7 +200,8 @@ def _write_index(exp_dir: Path, config_path, overrides, specs: list[MethodSpec],
     previous = {(r.get("label"), r.get("seed")): r for r in old.get("runs", []) if isinstance(r, dict)}
     runs = {}  # this sweep's runs first, then older ones
     for p in plans:
-        kept = previous.get((p.label, p.seed), {}) if p.status == "skipped" else {}  # where and how long it trained
+        # a run not (yet) trained by this sweep keeps where and how long it last trained
+        kept = previous.get((p.label, p.seed), {}) if p.status in ("pending", "skipped") else {}
         runs[(p.label, p.seed)] = {**p.record(), **{k: kept[k] for k in ("seconds", "node", "gpu") if k in kept}}
     for key, r in previous.items():
         runs.setdefault(key, r)
@@ -316,12 +317,10 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
         plan = todo[name]
         head = f"[{number[name]}/{total}] {name}:"
         plan.seconds, plan.node, plan.gpu = outcome.get("seconds", 0.0), outcome.get("node"), outcome.get("gpu")
-        if "interrupted" in outcome:
+        if "interrupted" in outcome:  # it checkpointed first; the local engine stops the sweep here, Ray goes on
             plan.status, plan.error = "interrupted", outcome["interrupted"]
-            index()
             say(f"{head} interrupted; run the same sweep again to resume")
-            raise KeyboardInterrupt(plan.error)
-        if "error" in outcome:  # one failed run must not cost the others
+        elif "error" in outcome:  # one failed run must not cost the others
             plan.status, plan.error = "failed", outcome["error"]
             log.error("%s failed: %s", name, plan.error)
             say(f"{head} FAILED ({plan.error})")
@@ -345,7 +344,9 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
     finally:
         bar.close()
     failed = [p for p in plans if p.status == "failed"]
-    say(f"sweep: {total - len(failed)}/{total} runs ok in {exp_dir}; tables: kdarena report {exp_dir}")
+    stopped = sum(p.status == "interrupted" for p in plans)
+    again = f"; {stopped} interrupted (the same command again resumes them)" if stopped else ""
+    say(f"sweep: {total - len(failed) - stopped}/{total} runs ok in {exp_dir}{again}; tables: kdarena report {exp_dir}")
     if failed:
         raise SweepError(f"{len(failed)} of {total} runs failed: "
                          + "; ".join(f"{p.name} ({p.error})" for p in failed) + f"; see {exp_dir / 'sweep.json'}")
