@@ -118,6 +118,15 @@ class StepInput:
     #: what the group's forward offered beyond logits (``GroupOutput.extras``, e.g. a branched model's gate)
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def head_outputs(self, kind: str, method: str, count: int | None = None) -> list[Any]:
+        """The first ``count`` (default: all) networks' outputs of head ``kind`` (``Needs.heads``), or a ValueError."""
+        heads = self.extras.get("heads")
+        chosen = None if heads is None else heads[:count]
+        if chosen is None or any(kind not in h for h in chosen):
+            raise ValueError(f"method {method} needs the networks' {kind} heads in StepInput.extras['heads'] (the trainer "
+                             f"attaches them for Needs.heads; Python API: pass extras={{'heads': [{{'{kind}': ...}}, ...]}})")
+        return [h[kind] for h in chosen]
+
     @classmethod
     def of(cls, logits: Sequence[Tensor], target: Target | Sequence[Target], **kwargs: Any) -> "StepInput":
         """Build a step from logits and one target for all networks or one per network."""

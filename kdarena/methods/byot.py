@@ -57,13 +57,9 @@ class BeYourOwnTeacher(GroupMethod):
         p = self.params
         logits = step.logits
         check_logits(logits, self.needs.min_networks)
-        heads = step.extras.get("heads")
-        if heads is None or any("exits" not in h for h in heads):
-            raise ValueError("method byot needs each network's early exits in StepInput.extras['heads'] "
-                             "(the trainer attaches them for Needs.heads; Python API: pass extras={'heads': [...]})")
+        exits = step.head_outputs("exits", self.name)
         ce, exit_ce, kd, hint = [], [], [], []
-        for z, target, h in zip(logits, step.targets, heads):
-            exit_logits, exit_features, final = h["exits"]
+        for z, target, (exit_logits, exit_features, final) in zip(logits, step.targets, exits):
             ce.append(cross_entropy(z, target))
             exit_ce.append(sum(cross_entropy(ze, target) for ze in exit_logits))
             kd.append(sum(kl_to_teacher(ze, z, p.temperature) for ze in exit_logits))

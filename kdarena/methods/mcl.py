@@ -84,14 +84,11 @@ class MutualContrastiveLearning(GroupMethod):
         logits = step.logits
         check_logits(logits, self.needs.min_networks)
         n = len(logits)
-        heads = step.extras.get("heads")
-        if heads is None or any("embedding" not in h for h in heads):
-            raise ValueError("method mcl needs each network's embedding head in StepInput.extras['heads'] "
-                             "(the trainer attaches it for Needs.heads; Python API: pass extras={'heads': [...]})")
+        embeddings = step.head_outputs("embedding", self.name)
         if step.y is None:
             raise ValueError("method mcl needs the batch's labels (StepInput.y) for its positives")
         ce = torch.stack(per_network_ce(logits, step.targets))
-        v = [upcast(h["embedding"]) for h in heads]
+        v = [upcast(e) for e in embeddings]
         eligible = torch.stack([torch.isfinite(e).all() for e in v]) & torch.isfinite(ce.detach())
         safe = [torch.where(eligible[j], v[j], torch.zeros_like(v[j])) for j in range(n)]
         same = step.y[:, None] == step.y[None, :]

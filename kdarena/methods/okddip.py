@@ -65,14 +65,11 @@ class OnlineDistillationDiversePeers(GroupMethod):
         logits = step.logits
         check_logits(logits, self.needs.min_networks)
         m = len(logits) - 1
-        heads = step.extras.get("heads")
-        if heads is None or any("attention" not in h for h in heads[:m]):
-            raise ValueError("method okddip needs each peer's attention head in StepInput.extras['heads'] "
-                             "(the trainer attaches it for Needs.heads; Python API: pass extras={'heads': [...]})")
+        attention = step.head_outputs("attention", self.name, count=m)  # the peers' (the leader's is unused)
         ce = torch.stack(per_network_ce(logits, step.targets))
         z = [upcast(t) for t in logits]
-        q = torch.stack([upcast(h["attention"][0]) for h in heads[:m]], dim=1)  # (B, m, d)
-        k = torch.stack([upcast(h["attention"][1]) for h in heads[:m]], dim=1)
+        q = torch.stack([upcast(query) for query, _ in attention], dim=1)  # (B, m, d)
+        k = torch.stack([upcast(key) for _, key in attention], dim=1)
         finite = torch.stack([torch.isfinite(z[a]).all() & torch.isfinite(q[:, a]).all() & torch.isfinite(k[:, a]).all()
                               for a in range(m)] + [torch.isfinite(z[m]).all()]) & torch.isfinite(ce.detach())
         peers_ok = finite[:m] | ~finite[:m].any()  # no peer finite: keep all (every peer's loss is NaN anyway)
