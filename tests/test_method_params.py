@@ -27,7 +27,16 @@ AT_DEFAULTS = {
     "pcl": "pcl, EMA 0.999, τ 1.0",
     "pskd": "pskd, α_T 0.8",
     "one": "one, T 3.0",
+    "mcl": "mcl, icl paper, τ 0.1, T 3.0",
+    "okddip": "okddip, T 3.0, ramp-up 0.27",
+    "byot": "byot, α 0.1, T 3.0, β 1e-06",
 }
+
+
+def test_every_built_in_method_has_its_text_at_defaults():
+    from kdarena.methods import BUILT_IN
+
+    assert sorted(AT_DEFAULTS) == sorted(cls.name for cls in BUILT_IN)
 
 
 def _other_values(params, key):
