@@ -275,19 +275,33 @@ def tables() -> str:
 
 
 # ----------------------------------------------------------------------------- running
+def missing_grids(cell: str, phase: int, specs: list[str], seeds: list[int]) -> list[tuple[list[str], str]]:
+    """The sweeps still to run: ``(specs, seeds)`` grids covering exactly the (spec, seed) pairs whose summary is not
+    committed yet. The committed results, not a run folder, say what is done: on a new machine (``--out`` empty)
+    the study goes on where the repository stands instead of training finished runs again. Specs missing the same
+    seeds share one sweep, so ``--jobs`` runs them side by side."""
+    committed = load_results(cell, phase)
+    by_seeds: dict[tuple[int, ...], list[str]] = {}
+    for spec in specs:
+        missing = tuple(s for s in seeds if s not in committed.get(label(spec), {}))
+        if missing:
+            by_seeds.setdefault(missing, []).append(spec)
+    return [(group, ",".join(map(str, missing))) for missing, group in by_seeds.items()]
+
+
 def run(cell: str, phase: int, archive: str, out: Path, jobs: int, commit: bool, seeds: str | None) -> None:
     from kdarena.experiments.sweep import run_sweep
 
     config, _, overrides, model = CELLS[cell]
     if phase == 1:
         references, rest, candidates = phase1_parts(model)
-        batches, seed_text = [references + candidates, rest], seeds or "0,1,2"
+        batches, phase_seeds = [references + candidates, rest], [0, 1, 2]
     else:
         plan = preregistered()
         if plan is None or cell not in plan.get("cells", {}):
             sys.exit(f"phase 2 of {cell} is not pre-registered: commit {PREREGISTRATION.relative_to(ROOT)} first")
-        batches = [plan["cells"][cell]["methods"]]
-        seed_text = seeds or ",".join(str(s) for s in plan["cells"][cell]["seeds"])
+        batches, phase_seeds = [plan["cells"][cell]["methods"]], plan["cells"][cell]["seeds"]
+    wanted = [int(s) for s in seeds.split(",")] if seeds else phase_seeds
     exp_dir = out / cell / f"phase{phase}"
     done = threading.Event()
 
@@ -298,8 +312,9 @@ def run(cell: str, phase: int, archive: str, out: Path, jobs: int, commit: bool,
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        for specs in batches:
-            run_sweep(config, [f"data.root={archive}", *overrides], specs, seed_text, exp_dir, jobs=jobs)
+        for batch in batches:
+            for specs, seed_text in missing_grids(cell, phase, batch, wanted):
+                run_sweep(config, [f"data.root={archive}", *overrides], specs, seed_text, exp_dir, jobs=jobs)
     finally:
         done.set()
         watcher.join()

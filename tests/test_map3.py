@@ -115,3 +115,18 @@ def test_collect_copies_each_finished_summary_once_with_its_sweep_time(map3, tmp
     stored = json.loads(new[0].read_text())
     assert stored["sweep_seconds"] == 420.0 and "run_dir" not in stored
     assert map3.collect(exp, "c10-5k", 1, commit=False) == []
+
+
+def test_only_runs_without_a_committed_summary_are_planned(map3):
+    """A new machine has no run folders: what is committed decides what runs, and specs missing the same seeds
+    share one sweep."""
+    for seed in (0, 1, 2):
+        _write(map3, "c10-5k", 1, "independent", seed, _summary(60.0, 60.0))
+    for seed in (0, 1):
+        _write(map3, "c10-5k", 1, "kdcl", seed, _summary(60.0, 60.0))
+        _write(map3, "c10-5k", 1, "one", seed, _summary(60.0, 60.0))
+    _write(map3, "c10-5k", 2, "kdcl", 2, _summary(60.0, 60.0))  # another phase does not count
+    specs = ["independent", "kdcl", "one:method.name=one;perturb.enabled=false", "pcl"]
+    assert map3.missing_grids("c10-5k", 1, specs, [0, 1, 2]) == [
+        (["kdcl", "one:method.name=one;perturb.enabled=false"], "2"), (["pcl"], "0,1,2")]
+    assert map3.missing_grids("c10-5k", 1, ["independent"], [0, 1, 2]) == []
