@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,11 @@ class Interrupted(Exception):
 
 class Trainer:
     def __init__(self, config: Config, run_dir: str | Path | None = None, resume: bool = False, force: bool = False,
-                 parts: Parts | None = None):
-        """``parts`` (from :func:`~kdarena.engine.build.build_parts`) replaces building them from ``config``."""
+                 parts: Parts | None = None, stop_requested: threading.Event | None = None):
+        """``parts`` (from :func:`~kdarena.engine.build.build_parts`) replaces building them from ``config``;
+        ``stop_requested`` set (from another thread) stops the run as SIGINT does: checkpoint, then Interrupted."""
         self.config = config
+        self.stop_requested = stop_requested
         self.info = dist_utils.from_environment()
         self.device = dist_utils.resolve_device(config.train.device, self.info)
         dist_utils.init(self.info, self.device)
@@ -305,6 +308,8 @@ class Trainer:
             if not saved:
                 self.save()
             return True
+        if self._stop_signal is None and self.stop_requested is not None and self.stop_requested.is_set():
+            self._stop_signal = signal.SIGINT  # e.g. a sweep's driver interrupted on another machine: as Ctrl-C here
         stop = self._stop_signal
         if self.info.enabled:
             flag = torch.tensor([float(stop or 0)], device=self.device)
@@ -361,9 +366,11 @@ class Trainer:
         return summary
 
 
-def train(config: Config, run_dir: str | Path | None = None, resume: bool = False, force: bool = False) -> dict[str, Any]:
-    """Train a group as configured and return the summary (the Python API behind ``kdarena train``)."""
-    trainer = Trainer(config, run_dir=run_dir, resume=resume, force=force)
+def train(config: Config, run_dir: str | Path | None = None, resume: bool = False, force: bool = False,
+          stop_requested: threading.Event | None = None) -> dict[str, Any]:
+    """Train a group as configured and return the summary (the Python API behind ``kdarena train``);
+    ``stop_requested``: see :class:`Trainer`."""
+    trainer = Trainer(config, run_dir=run_dir, resume=resume, force=force, stop_requested=stop_requested)
     finished = False
     try:
         summary = trainer.fit()

@@ -5,13 +5,14 @@
   both nodes; a node removed while its run trains: the run is retried on the other node and resumes from
   its checkpoint (not from epoch 0), with the results of an undisturbed sweep; the driver interrupted
   (SIGINT) mid-sweep, then the same sweep again: finished runs skipped, the rest resumed;
-* no Ray installed: one line naming the extra, exit 2.
+* no Ray installed: one line naming the extra, exit 2; nothing listening at --address: one line, exit 2.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -98,6 +99,21 @@ def test_engine_options_are_checked():
         run_sweep(None, [], "dml", "0", None, jobs=2, engine="ray")
     with pytest.raises(UserError, match="--gpus-per-run must be"):
         run_sweep(None, [], "dml", "0", None, engine="ray", gpus_per_run=1.5)
+
+
+def test_an_address_where_nothing_listens_is_one_line_exit_2(tmp_path, capsys):
+    """Ray itself retries such an address for minutes, then raises ConnectionError with a traceback."""
+    pytest.importorskip("ray")
+    with socket.socket() as probe:  # a port of this machine that nothing listens on once it is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        rc = cli.main(["sweep", str(_config(tmp_path, 1)), "--methods", "dml", "--seeds", "0", "--engine", "ray",
+                       "--address", address, "--out", str(tmp_path / "exp")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1, err
+        assert f"--address {address}: nothing answers at 127.0.0.1:{port} (Connection refused); start the cluster" in err[0]
+        assert not list((tmp_path / "exp").glob("dml-seed0*"))  # nothing trained
 
 
 def test_a_runs_task_asks_for_its_threads_and_a_gpu_where_it_runs_on_cuda():
@@ -241,6 +257,7 @@ def test_an_interrupted_driver_then_the_same_sweep_resumes(cluster, undisturbed,
     driver.send_signal(signal.SIGINT)
     output = driver.communicate(timeout=120)[0]
     assert driver.returncode == 130, output
+    assert "runs checkpoint and stop" in output and "Traceback" not in output, output  # asked, not killed
     finished = done()
     checkpointed = [n for n in names if n not in finished and (exp / n / "checkpoints" / "last.pt").is_file()]
     assert finished and checkpointed, output

@@ -11,12 +11,22 @@
   times); the run resumes from the last checkpoint in its folder (see :mod:`.run_task`). A run that
   fails by itself returns its error as data: recorded as failed, never retried. A run stopped by a
   signal on its node (SIGTERM) checkpoints and is recorded as interrupted; the others go on.
-* Ctrl-C cancels the sweep's tasks (their workers are killed; each run keeps its last checkpoint); the
-  same command again skips finished runs and resumes the others.
+* Ctrl-C asks the sweep's runs to stop: the driver writes a stop file into ``--out``, each task sees it
+  within a second, checkpoints after its step in progress and returns "interrupted" (a task not started
+  yet returns at once). Ray's own cancellation is the fallback only (a second Ctrl-C, or runs that have
+  not stopped after :data:`STOP_WAIT_S`): in Ray 2.60 a task that completes while it is being cancelled
+  can crash the driver ("Tried to complete task that was not pending"). The same command again skips
+  finished runs and resumes the others.
+* ``--address HOST:PORT`` (or ``ray://HOST:PORT``) is tried with a plain TCP connection first: nothing
+  listening there is one line within seconds, not Ray's minutes of retries.
 """
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,6 +39,14 @@ from .run_task import error_text, execute_run
 RETRIES = 3
 #: seconds to wait for the workers of cancelled tasks to be gone (a rerun must not meet them in a run folder)
 CANCEL_WAIT_S = 30.0
+#: seconds the runs have after Ctrl-C to checkpoint and return before their tasks are cancelled
+STOP_WAIT_S = 120.0
+#: seconds between a task's looks for the sweep's stop file
+STOP_POLL_S = 0.5
+#: seconds to wait for a TCP connection to --address before saying nothing answers there
+CONNECT_TIMEOUT_S = 5.0
+
+log = logging.getLogger("kdarena")
 
 
 class RayEngineError(UserError):
@@ -47,11 +65,28 @@ def import_ray(embedded: bool = False):
     return ray
 
 
-def _run_on_node(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """The Ray task: one run, plus the node (and GPUs) Ray gave it."""
+def _watch_for_stop(stop_file: Path, stop: threading.Event, finished: threading.Event) -> None:
+    while not finished.wait(STOP_POLL_S):
+        if stop_file.exists():
+            stop.set()
+            return
+
+
+def _run_on_node(config: dict[str, Any], run_dir: str, stop_file: str) -> dict[str, Any]:
+    """The Ray task: one run, plus the node (and GPUs) Ray gave it; the run stops (checkpointed) once
+    ``stop_file`` appears (the driver was interrupted)."""
     import ray
 
-    outcome = execute_run(config, run_dir)
+    stop, finished = threading.Event(), threading.Event()
+    if Path(stop_file).exists():
+        stop.set()
+    watcher = threading.Thread(target=_watch_for_stop, args=(Path(stop_file), stop, finished), daemon=True)
+    watcher.start()
+    try:
+        outcome = execute_run(config, run_dir, stop_requested=stop)
+    finally:
+        finished.set()
+        watcher.join()
     context = ray.get_runtime_context()
     outcome["node"] = context.get_node_id()
     outcome["node_ip"] = ray.util.get_node_ip_address()
@@ -68,6 +103,19 @@ def _probe(path: str, token: str) -> str | None:
     except OSError as error:
         return error_text(error)
     return None if found == token else "another file is at that path there (not the same folder)"
+
+
+def check_reachable(address: str) -> None:
+    """A one-line error when nothing accepts a TCP connection at ``address``'s HOST:PORT (``auto`` and other
+    forms without a port are left to Ray)."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise RayEngineError(f"--address {address}: nothing answers at {host}:{port} ({error.strerror or error}); "
+                             "start the cluster there (ray start --head) or fix the address") from None
 
 
 class RayEngine:
@@ -101,8 +149,13 @@ class RayEngine:
             return False
         if self.address is None:
             ray.init(include_dashboard=False, configure_logging=False)
-        else:
+            return True
+        check_reachable(self.address)
+        try:
             ray.init(address=self.address, configure_logging=False)
+        except ConnectionError as error:
+            raise RayEngineError(f"--address {self.address}: cannot join the Ray cluster there ({error_text(error)}); "
+                                 "check the address (ray status on the head node prints it)") from None
         return True
 
     def check_storage(self, exp_dir: Path) -> None:
@@ -141,28 +194,56 @@ class RayEngine:
             self.check_storage(exp_dir)
             task = ray.remote(_run_on_node)
             gpus = ray.cluster_resources().get("GPU", 0)
+            stop_file = exp_dir / f".stop-{uuid.uuid4().hex}"  # this sweep's own: a stale one stops no later sweep
             pending = {task.options(max_retries=RETRIES, **self.resources(config, gpus))
-                       .remote(cfg.to_dict(config), str(run_dir.resolve())): name for name, config, run_dir in runs}
+                       .remote(cfg.to_dict(config), str(run_dir.resolve()), str(stop_file)): name for name, config, run_dir in runs}
             try:
-                while pending:
-                    ready, _ = ray.wait(list(pending), num_returns=1)
-                    name = pending.pop(ready[0])
-                    try:
-                        outcome = ray.get(ready[0])
-                    except ray.exceptions.RayError as error:  # retries used up (lost nodes, a crashed worker)
-                        outcome = {"error": error_text(error)}
-                    done(name, outcome)
+                self._collect(pending, done)
             except KeyboardInterrupt:
-                self._cancel(list(pending))
+                self._stop(pending, done, stop_file)
                 raise
+            finally:
+                stop_file.unlink(missing_ok=True)
         finally:
             if started:
                 ray.shutdown()
 
+    def _collect(self, pending: dict, done: Callable[[str, dict[str, Any]], None], timeout: float | None = None) -> None:
+        """``done(name, outcome)`` for each task as it finishes, until none is pending or ``timeout`` passes."""
+        ray = self.ray
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            if not ready:
+                return
+            name = pending.pop(ready[0])
+            try:
+                outcome = ray.get(ready[0])
+            except ray.exceptions.RayError as error:  # retries used up (lost nodes, a crashed worker)
+                outcome = {"error": error_text(error)}
+            done(name, outcome)
+
+    def _stop(self, pending: dict, done: Callable[[str, dict[str, Any]], None], stop_file: Path) -> None:
+        """After Ctrl-C: every run checkpoints and returns; runs still going after STOP_WAIT_S (or a second
+        Ctrl-C) are cancelled."""
+        if not pending:
+            return
+        stop_file.write_text("stop\n")
+        log.warning("interrupted: %d runs checkpoint and stop (up to %.0f s; Ctrl-C again kills them)", len(pending), STOP_WAIT_S)
+        try:
+            self._collect(pending, done, timeout=STOP_WAIT_S)
+        except KeyboardInterrupt:
+            pass
+        self._cancel(list(pending))
+
     def _cancel(self, refs: list) -> None:
         """Cancel the unfinished tasks and wait until their workers are gone. By force: a task cancelled gently
         (a KeyboardInterrupt in the worker) that then returns can crash the driver in Ray 2.60 ("Tried to
-        complete task that was not pending"); the killed runs lose at most the epoch since their last checkpoint."""
+        complete task that was not pending"), as can, more rarely, one that completes as it is killed, hence
+        only the fallback of :meth:`_stop`; the killed runs lose at most the epoch since their last checkpoint."""
         ray = self.ray
         for ref in refs:
             ray.cancel(ref, force=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,20 +32,24 @@ def error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def execute_run(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+def execute_run(config: dict[str, Any], run_dir: str, stop_requested: threading.Event | None = None) -> dict[str, Any]:
     """Train one run; returns its outcome as plain data, which crosses process and node boundaries
     (exceptions, with their tracebacks and types, do not always): exactly one of ``summary``, ``error``
-    (the run failed by itself: a bad config, a non-finite stop) or ``interrupted`` (SIGINT/SIGTERM; the
-    run checkpointed first), and ``action`` (resumed/restarted/trained), ``seconds`` (wall time), ``node``."""
+    (the run failed by itself: a bad config, a non-finite stop) or ``interrupted`` (SIGINT/SIGTERM or
+    ``stop_requested``; the run checkpointed first), and ``action`` (resumed/restarted/trained), ``seconds``
+    (wall time), ``node``."""
     from ..trainer import Interrupted, train
 
     path = Path(run_dir)
     action = next_action(path)
     outcome: dict[str, Any] = {"action": action, "node": platform.node()}
+    if stop_requested is not None and stop_requested.is_set():  # the sweep stopped before this run began
+        return {**outcome, "interrupted": "the sweep was interrupted before this run started", "seconds": 0.0}
     log.info("%s: %s -> %s", path.name, "resuming" if action == "resumed" else "starting", path)
     start = time.perf_counter()
     try:
-        outcome["summary"] = train(cfg.validate(config), run_dir=path, resume=action == "resumed", force=action == "restarted")
+        outcome["summary"] = train(cfg.validate(config), run_dir=path, resume=action == "resumed", force=action == "restarted",
+                                   stop_requested=stop_requested)
     except Interrupted as stop:
         outcome["interrupted"] = str(stop)
     except Exception as error:  # one failed run must not cost the others
