@@ -244,6 +244,10 @@ def phase2_table(cell: str, plan: dict) -> list[str]:
     comparisons = plan["comparisons"]
     lines = [f"### {cell}, phase 2 (confirmatory, seeds {plan['seeds'][0]}-{plan['seeds'][-1]})", "",
              "| method | seeds | last test | test @ best val | last train | train − test |", "|---|---:|---:|---:|---:|---:|"]
+    done = min(len(runs.get(name, {})) for pair in comparisons for name in pair)
+    if done < len(plan["seeds"]):  # the plan has no early stop: an interim look decides nothing
+        lines[1:1] = ["", f"**Interim: {done} of {len(plan['seeds'])} pre-registered seeds in every comparison; "
+                          "the pre-registered test is the one on all of them.**"]
     last = {name: {s: network_mean(v, "last_test_top1") for s, v in by_seed.items()} for name, by_seed in runs.items()}
     for name, by_seed in runs.items():
         train = [network_mean(s, "last_train_top1") for s in by_seed.values()]

@@ -223,8 +223,10 @@ def test_a_lost_node_costs_its_run_no_epochs(cluster, undisturbed, tmp_path):
     exp = tmp_path / "exp"
     driver = _driver(undisturbed["config"], exp, ray_cluster.address, "independent,dml", "0")
     names = ["independent-seed0", "dml-seed0"]
-    # both runs have finished an epoch (and checkpointed) and neither is done: each is training on its own node
-    _wait_for(lambda: all(len(_epochs(exp / n)) >= 1 for n in names), driver)
+    # both runs have checkpointed and neither is done: each is training on its own node. The epoch's metrics
+    # line comes before its checkpoint is renamed into place, so wait for the file itself (a node lost in
+    # between rightly costs its run a restart: it has nothing to resume from)
+    _wait_for(lambda: all((exp / n / "checkpoints" / "last.pt").is_file() for n in names), driver)
     assert not any((exp / n / "summary.json").exists() for n in names)
     lost, survivor = workers
     ray_cluster.remove_node(lost, allow_graceful=False)
