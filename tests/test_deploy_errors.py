@@ -162,3 +162,49 @@ def test_exports_that_kdarena_does_not_load(run, tmp_path, capsys):
     Path(f"{weights}.card.json").unlink()
     with pytest.raises(ExportError, match="has no model card beside it"):
         load_model(weights)
+
+
+CARD_EDITS = {  # what an edited card says -> the fragment of the one line that names it
+    "not-an-object": (lambda card: [card], "the top level must be an object"),
+    "architecture-a-string": (lambda card: {**card, "architecture": "resnet8"}, "architecture is 'resnet8'"),
+    "unknown-architecture": (lambda card: {**card, "architecture": ["nosuchnet"]}, "names architecture 'nosuchnet'"),
+    "two-architectures": (lambda card: {**card, "architecture": ["resnet8", "resnet8"]}, "but architecture names 2"),
+    "num-classes-a-string": (lambda card: {**card, "num_classes": "10"}, "num_classes is '10'"),
+    "num-classes-not-the-classes": (lambda card: {**card, "num_classes": 11}, "num_classes says 11"),
+    "short-shape": (lambda card: {**card, "input": {"shape": [3, 32]}}, "input.shape is list"),
+    "zero-std": (lambda card: {**card, "preprocessing": {**card["preprocessing"], "std": [0.0, 1.0, 1.0]}},
+                 "preprocessing.std.0 is 0.0"),
+    "nan-mean": (lambda card: {**card, "preprocessing": {**card["preprocessing"], "mean": [float("nan")] * 3}},
+                 "preprocessing.mean.0 is NaN"),
+    "grey-means-for-rgb": (lambda card: {**card, "preprocessing": {**card["preprocessing"], "mean": [0.5]}},
+                           "input.shape has 3 channels"),
+    "config-a-string": (lambda card: {**card, "config": "x"}, "config is 'x'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CARD_EDITS))
+def test_an_edited_card_is_one_line_not_a_traceback(run, tmp_path, capsys, case):
+    """The sha256 vouches for the weights, not the card beside them: every field predict acts on is checked."""
+    weights = tmp_path / "net.safetensors"
+    assert main(["export", str(run), "--out", str(weights)]) == 0
+    card_path = Path(f"{weights}.card.json")
+    edit, fragment = CARD_EDITS[case]
+    card_path.write_text(json.dumps(edit(json.loads(card_path.read_text()))))
+    capsys.readouterr()
+    assert main(["predict", str(weights), str(run.parent / "data")]) == 2
+    line = error_line(capsys, fragment)
+    assert "export" in line
+    with pytest.raises(ExportError, match="card"):
+        load_model(weights)
+
+
+def test_an_outsized_card_is_refused_unread(run, tmp_path, capsys):
+    weights = tmp_path / "net.safetensors"
+    assert main(["export", str(run), "--out", str(weights)]) == 0
+    card_path = Path(f"{weights}.card.json")
+    card = json.loads(card_path.read_text())
+    card["padding"] = "x" * (5 * 2**20)
+    card_path.write_text(json.dumps(card))
+    capsys.readouterr()
+    assert main(["predict", str(weights), str(run.parent / "data")]) == 2
+    error_line(capsys, "more than the", "it is not read")

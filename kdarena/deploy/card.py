@@ -16,22 +16,25 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from .. import __version__
 from ..config import to_dict
 from ..data.datasets import ArrayDataset
+from ..experiments.run_folders import DamagedFile, read_json, validate
 from .errors import ExportError
 from .source import Selected
 
 CARD_VERSION = 1
+#: A card holds the run's config and class names: kilobytes. A larger file is refused unread.
+CARD_MAX_BYTES = 4 * 2**20
 RESIZE_STEPS = {
     "area": "resize so the shorter side is {s} (Pillow BOX filter, the area average, when shrinking; BICUBIC when "
             "enlarging), centre-crop {s} x {s} (kdarena.data.decode.decode_bytes)",
@@ -141,18 +144,66 @@ def markdown(card: dict[str, Any]) -> str:
     ])
 
 
+PositiveInt = Annotated[int, Field(ge=1)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(strict=True)
+    shape: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)]
+
+
+class _Preprocessing(BaseModel):
+    model_config = ConfigDict(strict=True)
+    color: Literal["RGB", "L"]
+    size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
+    resize: Literal["area", "bilinear"]
+    mean: list[Finite]
+    std: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]]
+
+
+class CardFields(BaseModel):
+    """The fields of a card that ``load_model`` and ``kdarena predict`` act on: the card is a file like any other
+    a user is handed, and its sha256 vouches for the model file, not for the card itself."""
+    model_config = ConfigDict(strict=True, extra="allow")
+    kdarena_model_card: Literal[1]
+    format: Literal["safetensors", "torchscript", "onnx"]
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    network: str
+    architecture: Annotated[list[str], Field(min_length=1)]
+    num_classes: PositiveInt
+    classes: list[str]
+    input: _Input
+    preprocessing: _Preprocessing
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CardFields":
+        channels, height, width = self.input.shape
+        prep = self.preprocessing
+        if self.network != "ensemble" and len(self.architecture) != 1:
+            raise ValueError(f"network {self.network} is one network, but architecture names {len(self.architecture)}")
+        if len(self.classes) != self.num_classes:
+            raise ValueError(f"classes names {len(self.classes)} classes, num_classes says {self.num_classes}")
+        if (channels, prep.color) not in ((3, "RGB"), (1, "L")) or len(prep.mean) != channels or len(prep.std) != channels:
+            raise ValueError(f"input.shape has {channels} channels, preprocessing is {prep.color} with "
+                             f"{len(prep.mean)} means and {len(prep.std)} stds")
+        if prep.size != [height, width]:
+            raise ValueError(f"preprocessing.size {prep.size} is not input.shape's {[height, width]}")
+        return self
+
+
 def read_card(model: str | Path) -> dict[str, Any]:
-    """The card beside ``model``, checked against the file (its sha256); :class:`ExportError` otherwise."""
+    """The card beside ``model``, checked field by field and against the file (its sha256); :class:`ExportError`
+    otherwise."""
     path = card_paths(model)[0]
     if not path.is_file():
         raise ExportError(f"{model} has no model card beside it ({path.name}); use a file written by kdarena export")
     try:
-        card = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ExportError(f"model card {path} is unreadable ({type(error).__name__}); export the run again") from None
-    needed = ("kdarena_model_card", "format", "sha256", "architecture", "num_classes", "classes", "input", "preprocessing")
-    if not isinstance(card, dict) or any(key not in card for key in needed):
-        raise ExportError(f"model card {path} lacks fields kdarena writes; export the run again")
+        card = read_json(path, CARD_MAX_BYTES)
+        validate(path, CardFields, card)
+    except DamagedFile as error:
+        raise ExportError(f"model card {error}; export the run again") from None
     if sha256_of(model) != card["sha256"]:
         raise ExportError(f"{model} does not match its model card (sha256 differs: the file changed since export); export again")
     return card

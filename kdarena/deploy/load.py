@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import models
 from ..engine.weights import apply_weights, read_safetensors
+from ..models.registry import TIMM_PREFIX
 from .card import build_card, read_card, sha256_of
 from .errors import ExportError
 from .source import Ensemble, open_run
@@ -41,6 +42,11 @@ def load_model(path: str | Path, network: str = "best", checkpoint: str = "best"
                           f"{'torch.jit.load' if card['format'] == 'torchscript' else 'onnxruntime'} if you trust it); "
                           "kdarena.load_model takes the safetensors export or the run folder")
     channels = card["input"]["shape"][0]
+    unknown = [name for name in card["architecture"] if name.strip().lower() not in models.available()
+               and not name.strip().lower().startswith(TIMM_PREFIX)]
+    if unknown:
+        raise ExportError(f"model card of {path} names architecture {unknown[0]!r}, which this kdarena does not build "
+                          f"(known: {', '.join(models.available())}); export it with the kdarena that trained it")
     nets = [models.create(name, num_classes=card["num_classes"], in_channels=channels) for name in card["architecture"]]
     module = Ensemble(nets) if card.get("network") == "ensemble" else nets[0]
     apply_weights(module, read_safetensors(path), where=str(path))
