@@ -15,6 +15,12 @@ class ConfigError(UserError, ValueError):
     """A bad configuration value; the message is one line meant for the user (the key, the value, the fix)."""
 
 
+class ModelSpecError(UserError, ValueError):
+    """A model entry the zoo cannot build as written (an unknown name, a model with no branched form, a feature
+    layer it lacks). Callers that know the config key add it; a model that breaks its own contract (a builder
+    declaring a feature layer it does not have) raises a plain ``ValueError``: that is a bug, not bad input."""
+
+
 class DataError(UserError, ValueError):
     """A data set's files that cannot be used (corrupt, truncated, missing, not what their name says)."""
 

@@ -7,6 +7,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from .errors import ModelSpecError
+
 
 @dataclass
 class GroupOutput:
@@ -24,7 +26,7 @@ def _resolve_feature_layer(network: nn.Module, name: str | None) -> str | None:
         return None
     modules = dict(network.named_modules())
     if name not in modules:
-        raise ValueError(
+        raise ModelSpecError(
             f"feature layer {name!r} is not a module of {type(network).__name__}; "
             f"valid names include {sorted(k for k in modules if k)[:12]}"
         )
@@ -87,14 +89,14 @@ class Group(nn.Module):
         self.collect_features = collect_features
         layers = list(feature_layers) if feature_layers is not None else [None] * len(networks)
         if len(layers) != len(networks):
-            raise ValueError(f"got {len(layers)} feature layers for {len(networks)} networks")
+            raise ModelSpecError(f"got {len(layers)} feature layers for {len(networks)} networks")
         self.feature_layers = [_resolve_feature_layer(net, name) for net, name in zip(networks, layers)]
         self._captured: dict[int, Tensor] = {}
         self._runners: list | None = None  # e.g. torch.compile'd networks; plain list so they are not re-registered
         if collect_features:
             missing = [i for i, name in enumerate(self.feature_layers) if name is None]
             if missing:
-                raise ValueError(
+                raise ModelSpecError(
                     f"networks {missing} name no feature layer; set a `feature_layer` attribute or pass feature_layers"
                 )
             for i, (net, name) in enumerate(zip(networks, self.feature_layers)):

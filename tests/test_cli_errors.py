@@ -68,3 +68,23 @@ def test_a_missing_optional_dependency_is_a_user_error_naming_the_extra(monkeypa
 
     with pytest.raises(MissingExtraError, match=r"kdarena\[timm\]"):
         models.create("timm:resnet18", num_classes=10)
+
+
+def test_a_model_that_breaks_inside_its_builder_is_our_bug_an_unknown_name_is_the_users(tmp_path, monkeypatch, capsys):
+    """Both raise ValueError inside models.create; only a name the zoo does not know is the user's to fix."""
+    from kdarena.models import registry
+
+    config = tmp_path / "c.yaml"
+    config.write_text(cfg.dump(cfg.load(None, TINY)))
+    assert main(["train", str(config), "models=[nosuchnet]", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("kdarena: error: bad value in 'models': unknown model 'nosuchnet'; available: ")
+    assert not (tmp_path / "a").exists()
+
+    def broken(num_classes: int, in_channels: int = 3):
+        raise ValueError("a shape our builder got wrong")
+
+    monkeypatch.setitem(registry._REGISTRY, "convnet", broken)
+    with pytest.raises(ValueError, match="a shape our builder got wrong"):
+        main(["train", str(config), "--out", str(tmp_path / "b")])
+    assert "kdarena: error" not in capsys.readouterr().err

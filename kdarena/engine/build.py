@@ -16,6 +16,7 @@ from torch import nn
 from .. import models
 from ..config import Config, ConfigError
 from ..data.build import DataBundle, build_data
+from ..errors import ModelSpecError
 from ..group import Group
 from ..models.heads import HeadError, attach as attach_heads
 from ..methods import GroupMethod, MethodContext, Needs, registry
@@ -77,17 +78,17 @@ def _networks(config: Config, num_classes: int, in_channels: int, needs: Needs) 
         try:
             return models.branched.BranchedGroup.build(config.models, num_classes, in_channels, gate=needs.branched,
                                                        feature_layers=needs.feature_layers, collect_features=needs.features)
-        except ValueError as error:
+        except ModelSpecError as error:
             raise ConfigError(f"bad value in 'models' or 'method.feature_layers': {error}") from None
     networks = []
     for name in config.models:
         try:
             networks.append(models.create(name, num_classes=num_classes, in_channels=in_channels))
-        except ValueError as error:
+        except ModelSpecError as error:
             raise ConfigError(f"bad value in 'models': {error}") from None
     try:
         return Group(networks, feature_layers=needs.feature_layers, collect_features=needs.features)
-    except ValueError as error:
+    except ModelSpecError as error:
         raise ConfigError(f"bad value for 'method.feature_layers': {error}") from None
 
 

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelSpecError
 from ..losses import check_logits, log_softmax_at, per_network_ce, soft_kl
 from .base import GroupLosses, GroupMethod, MethodContext, MethodParams, Needs, StepInput, freeze
 from .registry import register_method
@@ -57,7 +57,7 @@ class KnowledgeDistillation(GroupMethod):
 
         try:
             teacher = models.create(p.teacher_model, num_classes=context.num_classes, in_channels=context.in_channels)
-        except ValueError as error:
+        except ModelSpecError as error:
             raise ConfigError(f"bad value for 'method.teacher_model': {error}") from None
         if p.teacher_checkpoint:
             if context.load_network_state is None:

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ModelSpecError
 from ..group import Group, GroupOutput, clear_head_outputs, take_head_outputs
 from .registry import GlobalAvgPool, register
 from .resnet_cifar import CifarResNet
@@ -127,7 +128,7 @@ def split(base: str, branches: int, num_classes: int, in_channels: int = 3, **kw
     """The trunk of one freshly initialised ``base`` model and ``branches`` heads (head 0 from the
     same model, the others from further fresh models, so every head is initialised independently)."""
     if base not in BASES:
-        raise ValueError(f"{PREFIX}{base}: branched models are built from {', '.join(BASES)}")
+        raise ModelSpecError(f"{PREFIX}{base}: branched models are built from {', '.join(BASES)}")
     trunk_cls, head_cls = (ResNetTrunk, ResNetHead) if BASES[base][1] is None else (WRNTrunk, WRNHead)
     first = _base_model(base, num_classes, in_channels, **kwargs)
     heads = [head_cls(first)] + [head_cls(_base_model(base, num_classes, in_channels, **kwargs)) for _ in range(branches - 1)]
@@ -196,7 +197,7 @@ class BranchedGroup(Group):
               feature_layers: Sequence[str | None] | None = None, collect_features: bool = False) -> "BranchedGroup":
         problem = check_models(list(names))
         if problem or not is_branched(names):
-            raise ValueError(problem or f"{list(names)} names no {PREFIX}<model>")
+            raise ModelSpecError(problem or f"{list(names)} names no {PREFIX}<model>")
         trunk, heads = split(names[0][len(PREFIX):], len(names), num_classes, in_channels)
         return cls(trunk, heads, gate, feature_layers, collect_features)
 

@@ -11,6 +11,8 @@ from typing import Any, Callable, TypeVar
 
 from torch import Tensor, nn
 
+from ..errors import ModelSpecError
+
 Builder = Callable[..., nn.Module]
 _B = TypeVar("_B", bound=Builder)
 
@@ -69,7 +71,7 @@ def create(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> 
     else:
         builder = _REGISTRY.get(stripped.lower())
         if builder is None:
-            raise ValueError(
+            raise ModelSpecError(
                 f"unknown model {name!r}; available: {', '.join(available())}; "
                 f"or '{TIMM_PREFIX}NAME' for any timm model"
             )

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import MissingExtraError
+from ..errors import MissingExtraError, ModelSpecError
 
 TIMM_MISSING = "timm is not installed: pip install 'kdarena[timm]'"
 
@@ -71,7 +71,7 @@ def create_timm(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any
     except ImportError as exc:
         raise MissingExtraError(TIMM_MISSING) from exc
     if not name:
-        raise ValueError("empty timm model name: use 'timm:NAME', e.g. 'timm:resnet18'")
+        raise ModelSpecError("empty timm model name: use 'timm:NAME', e.g. 'timm:resnet18'")
     kwargs.setdefault("pretrained", False)
     model = timm.create_model(name, num_classes=num_classes, in_chans=in_channels, **kwargs)
     clf_name = _classifier_name(model)
