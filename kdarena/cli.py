@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     inspect = data_sub.add_parser("inspect", help="classes, counts, size, mean/std, cache; a PNG grid of samples per class")
     inspect.add_argument("root", help="a folder or .tar/.tar.gz/.zip of train/ and val/ (or test/) class folders")
-    inspect.add_argument("--name", choices=["imagefolder", "tiny_imagenet"], default="imagefolder")
+    # the names live in kdarena.data.registry, checked in _cmd_data: importing it here would load torch for --help
+    inspect.add_argument("--name", default="imagefolder", help="the image-set loader that reads ROOT (default: imagefolder)")
     inspect.add_argument("--image-size", type=int, default=None, help="resize on decode (default: the images' own size up to 64 px)")
     inspect.add_argument("--out", help="PNG of sample images (default: NAME-samples.png here)")
     inspect.add_argument("--workers", type=int, default=2, help="decode processes")
@@ -253,7 +254,10 @@ def _cmd_data(args) -> int:
         print(cache_admin.report(cache_admin.prune(args.all) if removed else cache_admin.entries(), removed=removed))
         return 0
     from .data.inspect import inspect_images
+    from .data.registry import IMAGE_SETS
 
+    if args.name not in IMAGE_SETS:
+        raise UserError(f"--name {args.name!r} names no image-set loader; give one of {', '.join(IMAGE_SETS)}")
     text, _ = inspect_images(args.root, args.name, args.image_size, args.out, workers=args.workers, cache_max_gb=args.cache_max_gb)
     print(text)
     return 0

@@ -226,6 +226,9 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     assert main(["data", "inspect", str(folder)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("kdarena: error:") and "\n" not in err and "cow" in err
+    assert main(["data", "inspect", str(folder), "--name", "cifar10"]) == 2  # an in-memory set, not image files
+    assert capsys.readouterr().err.strip() == ("kdarena: error: --name 'cifar10' names no image-set loader; "
+                                               "give one of imagefolder, tiny_imagenet")
 
 
 # ------------------------------------------------------------------ Tiny-ImageNet
