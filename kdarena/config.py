@@ -1,11 +1,11 @@
-"""Typed run configuration: YAML files validated by pydantic, with ``key=value`` overrides.
+"""Typed run configuration: YAML files validated by pydantic, with ``key=value`` overrides
+(reading both into a plain dict is :mod:`kdarena.config_sources`).
 
 Every error is a :class:`ConfigError` with a one-line message that names the key, the
 bad value and the fix (the CLI prints it and exits with status 2).
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from .config_errors import _FormattedError, _KeyValueError, format_error
+from .config_sources import apply_overrides, parse_override, read_yaml  # noqa: F401  (kdarena.config's API)
 from .data.registry import NAMES as DATA_NAMES
 from .config_weights import ModelWeights, split_model_entries
 from .errors import ConfigError
@@ -300,90 +301,6 @@ def validate(raw: dict[str, Any]) -> Config:
         return Config.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(format_error(error, Config)) from None
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``optim.lr=0.05`` -> (['optim', 'lr'], 0.05). Values are parsed as YAML scalars/lists."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not key=value (e.g. optim.lr=0.05)")
-    key, value = text.split("=", 1)
-    path = [p for p in key.strip().split(".")]
-    if not key.strip() or any(not p for p in path):
-        raise ConfigError(f"override {text!r} has an empty key (e.g. optim.lr=0.05)")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
-    return path, parsed
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    raw = copy.deepcopy(raw)
-    for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: '{part}' is a value, not a section")
-            node = child
-        if path == ["method", "name"]:
-            _switch_method(node, value)
-        if path == ["method"] and isinstance(value, dict) and isinstance(node.get("method"), dict) and "name" in value:
-            _switch_method(node["method"], value["name"])
-        if isinstance(value, dict) and isinstance(node.get(path[-1]), dict):
-            # a mapping sets the keys it names, like one override per key: `optim={lr: 2}` keeps optim.epochs
-            _merge(node[path[-1]], value)
-        else:
-            node[path[-1]] = value
-    return raw
-
-
-def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = copy.deepcopy(value)
-
-
-def _switch_method(section: dict[str, Any], name: Any) -> None:
-    """``method.name=X`` on a section written for another method keeps only the options X also has.
-
-    So ``--methods independent,dml,cd`` over a config written for cd means "the same settings where
-    they apply" (dml keeps alpha and temperature, independent keeps nothing), while an option of
-    another method written by hand (in YAML or a later override) is still an error.
-    """
-    old = section.get("name", method_registry.DEFAULT)
-    if name == old or not isinstance(name, str) or name not in method_registry.names():
-        return
-    accepted = method_registry.get(name).Params.model_fields
-    for key in [k for k in section if k not in accepted]:
-        del section[key]
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file (see configs/ for examples)")
-    if path.exists() and not path.is_file():  # /dev/null, a FIFO, a socket
-        raise ConfigError(f"config file {str(path)!r} is not a regular file; give a YAML file (see configs/ for examples)")
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"config file {str(path)!r} cannot be read as UTF-8 text: {error}") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = " ".join(str(getattr(error, "problem", None) or error).split())
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
-    return raw
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
