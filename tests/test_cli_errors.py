@@ -88,3 +88,28 @@ def test_a_model_that_breaks_inside_its_builder_is_our_bug_an_unknown_name_is_th
     with pytest.raises(ValueError, match="a shape our builder got wrong"):
         main(["train", str(config), "--out", str(tmp_path / "b")])
     assert "kdarena: error" not in capsys.readouterr().err
+
+
+def test_a_model_timm_does_not_have_is_a_user_error(monkeypatch, tmp_path, capsys):
+    """timm (which needs torchvision, absent here) stands in as a module with timm's two calls: create_model
+    raises RuntimeError('Unknown model ...') for a name it lacks, which must not surface as a traceback."""
+    import types
+
+    from kdarena import models
+    from kdarena.errors import ModelSpecError
+
+    fake = types.ModuleType("timm")
+    fake.__version__ = "1.0.0"
+    fake.is_model = lambda name: name.split(".")[0] == "resnet18"
+
+    def create_model(name, **kwargs):
+        raise RuntimeError(f"Unknown model ({name})")
+
+    fake.create_model = create_model
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    with pytest.raises(ModelSpecError, match=r"timm has no model 'resnet19' \(timm 1.0.0\); timm.list_models\('\*resnet19\*'\)"):
+        models.create("timm:resnet19", num_classes=10)
+    config = tmp_path / "c.yaml"
+    config.write_text(cfg.dump(cfg.load(None, TINY)))
+    assert main(["train", str(config), "models=[timm:resnet19]", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip().startswith("kdarena: error: bad value in 'models': timm has no model 'resnet19'")

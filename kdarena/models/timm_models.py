@@ -72,6 +72,9 @@ def create_timm(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any
         raise MissingExtraError(TIMM_MISSING) from exc
     if not name:
         raise ModelSpecError("empty timm model name: use 'timm:NAME', e.g. 'timm:resnet18'")
+    if not timm.is_model(name):  # create_model would raise a RuntimeError: the user's typo would read as our bug
+        raise ModelSpecError(f"timm has no model {name!r} (timm {getattr(timm, '__version__', '?')}); "
+                             f"timm.list_models('*{name.split('.')[0][:8]}*') lists similar names")
     kwargs.setdefault("pretrained", False)
     model = timm.create_model(name, num_classes=num_classes, in_chans=in_channels, **kwargs)
     clf_name = _classifier_name(model)
