@@ -80,6 +80,9 @@ class DataConfig(_Section):
     std: Optional[list[float]] = Field(None, description="per-channel normalisation std (default: the data set's own)")
     rotation: float = Field(0.0, ge=0, le=180, description="random rotation of each training image by up to this many degrees "
                             "(batch-wise, nearest pixel, zero fill; in-memory data sets)")
+    samples_per_class: int = Field(0, ge=0, description="training batches of groups of this many images of one class, so "
+                                   "every image has one of its class beside it (2: MCL's sampler); 0: random batches. "
+                                   "data.batch_size must be a multiple of it; in-memory data sets")
 
 
 class ParameterMutationConfig(_Section):
@@ -238,6 +241,10 @@ class Config(_Section):
         except ValueError as error:
             key, message = error.args if len(error.args) == 2 else ("", str(error))
             raise _KeyValueError(f"method.{key}" if key else "method", getattr(self.method, key, None), message) from None
+        m = self.data.samples_per_class
+        if m == 1 or (m and self.data.batch_size % m):
+            raise _KeyValueError("data.samples_per_class", m, f"must be 0 (random batches) or >= 2 and divide data.batch_size="
+                                 f"{self.data.batch_size}; e.g. data.samples_per_class=2")
         if isinstance(self.data.val_size, float) and not 0 < self.data.val_size < 1:
             raise _KeyValueError("data.val_size", self.data.val_size, "a fraction must be in (0, 1); use an integer for a count")
         from .models.branched import check_models  # branched:<model> entries, and methods that need them (ONE)

@@ -26,6 +26,7 @@ TINY = [
 RUNS = {
     "mcl": ["method.name=mcl", "models=[convnet,convnet]"],
     "mcl-code": ["method.name=mcl", "method.icl=code", "models=[resnet8,convnet]"],
+    "mcl-pairs": ["method.name=mcl", "models=[convnet,convnet]", "data.samples_per_class=2"],  # the code's sampler
     "okddip": ["method.name=okddip", "models=[convnet,convnet,convnet]"],
     "okddip-branched": ["method.name=okddip", "models=[branched:resnet8,branched:resnet8,branched:resnet8]"],
     "byot": ["method.name=byot", "models=[resnet8]"],

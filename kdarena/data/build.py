@@ -12,6 +12,7 @@ import torch
 from ..config import Config, ConfigError
 from .datasets import ArrayDataset
 from .registry import IMAGE_SETS, load_arrays
+from .sampling import grouped_length
 from .split import split_validation
 from .tensor_loader import TensorLoader
 
@@ -80,6 +81,12 @@ def _array_loaders(config: Config, device: torch.device, rank: int, world: int, 
     channels_last = config.train.channels_last
     common = dict(device=device, rank=rank, world_size=world, channels_last=channels_last)
     augment = dict(rotation=d.rotation) if d.rotation else {}  # absent: the loader draws exactly as before
+    if d.samples_per_class:
+        visited = grouped_length(train.labels, d.samples_per_class)
+        if visited < global_batch:
+            raise ConfigError(f"data.samples_per_class={d.samples_per_class} leaves {visited} training samples in whole groups, "
+                              f"fewer than one batch of {global_batch}; use a smaller data.batch_size")
+        augment["per_class"] = d.samples_per_class
     train_loader = TensorLoader(train, d.batch_size, train=True, seed=config.seed, crop_padding=crop, flip=flip, **common, **augment)
     eval_loader = lambda ds: TensorLoader(ds, d.eval_batch_size, train=False, **common)  # noqa: E731
     return DataBundle(
@@ -130,9 +137,10 @@ def _folder_loaders(config: Config, device: torch.device, rank: int, world: int)
         train_idx = train_idx[: d.train_subset]
     if d.batch_size * world > len(train_idx):
         raise ConfigError(f"data.batch_size={d.batch_size} (x {world} processes) is larger than the training set ({len(train_idx)} images)")
-    if d.rotation:
-        raise ConfigError(f"data.rotation={d.rotation} works on in-memory data sets only; this folder is streamed "
-                          f"(over data.cache_max_gb={d.cache_max_gb}): raise data.cache_max_gb or set data.rotation=0")
+    for key, value, off in (("rotation", d.rotation, 0), ("samples_per_class", d.samples_per_class, 0)):
+        if value:
+            raise ConfigError(f"data.{key}={value} works on in-memory data sets only; this folder is streamed "
+                              f"(over data.cache_max_gb={d.cache_max_gb}): raise data.cache_max_gb or set data.{key}={off}")
     norm = dict(mean=d.mean, std=d.std)
     common = dict(device=device, rank=rank, world_size=world, num_workers=d.num_workers, channels_last=config.train.channels_last, **norm)
     subset = torch.utils.data.Subset

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..rng import keyed_seed, view_seed
 from .datasets import ArrayDataset
+from .sampling import epoch_order, grouped_length
 
 __all__ = ["Batch", "TensorLoader", "epoch_generator", "epoch_seed", "view_seed"]
 
@@ -150,7 +151,8 @@ class TensorLoader(EpochLoader):
     ``train=True`` shuffles and augments (``crop_padding``: random crop after zero padding, 4 for
     CIFAR; ``flip``: random horizontal flip; ``rotation``: random rotation by up to that many
     degrees, nearest pixel, zero fill, after crop and flip) and drops the last incomplete global batch unless
-    ``drop_last=False``.  ``train=False`` keeps the natural order, never augments and never drops
+    ``drop_last=False``; ``per_class`` >= 2 makes every training batch of groups of that many samples of one
+    class (:mod:`kdarena.data.sampling`; ``batch_size`` must be a multiple of it).  ``train=False`` keeps the natural order, never augments and never drops
     (``drop_last`` is ignored).  See the module docstring for the distributed contract.
     """
 
@@ -169,8 +171,11 @@ class TensorLoader(EpochLoader):
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
         rotation: float = 0.0,
+        per_class: int = 0,
     ) -> None:
         _check_common(batch_size, rank, world_size)
+        if per_class == 1 or per_class < 0 or (per_class and batch_size % per_class):
+            raise ValueError(f"per_class must be 0 or >= 2 and divide batch_size {batch_size}, got {per_class}")
         if not 0 <= rotation <= 180:
             raise ValueError(f"rotation must lie in [0, 180] degrees, got {rotation}")
         if not isinstance(dataset, ArrayDataset):
@@ -193,7 +198,8 @@ class TensorLoader(EpochLoader):
         self.channels_last = bool(channels_last)
         self.dtype = dtype
         self.epoch = 0
-        n = len(dataset)
+        self.per_class = int(per_class) if self.train else 0
+        n = grouped_length(dataset.labels, self.per_class) if self.per_class else len(dataset)  # samples an epoch visits
         self._spans = batch_spans(n, batch_size, world_size, rank, self.drop_last)
         if self.train and self.drop_last and n < batch_size * world_size and n > 0:
             raise ValueError(
@@ -226,7 +232,7 @@ class TensorLoader(EpochLoader):
         n = len(self.dataset)
         if self.train:
             g = epoch_generator(self.seed, epoch)
-            order = torch.randperm(n, generator=g)
+            order = epoch_order(n, g, self.dataset.labels, self.per_class)
             plan = (order,) + self._draw_augment(g, n)
         else:
             plan = (torch.arange(n), None, None, None)
