@@ -42,16 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     ev = sub.add_parser("eval", help="evaluate every network of a checkpoint")
-    ev.add_argument("checkpoint")
+    ev.add_argument("checkpoint", help="a checkpoint file, e.g. RUN/checkpoints/best.pt or last.pt")
     ev.add_argument("--split", choices=["test", "val"], default="test")
     ev.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.root=...)")
     ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     export = sub.add_parser("export", help="one network (or the ensemble) of a run as safetensors, TorchScript or ONNX, with a model card")
-    export.add_argument("run_dir")
+    export.add_argument("run_dir", help="a run folder written by kdarena train")
     export.add_argument("--out", required=True, help="the file to write (FILE.card.json and FILE.card.md go beside it)")
     export.add_argument("--network", default="best", help="best (highest validation top-1), ensemble, or an index (default: best)")
-    export.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    export.add_argument("--checkpoint", choices=["best", "last"], default="best", help="the weights of the best-validation or the last epoch")
     export.add_argument("--format", choices=["safetensors", "torchscript", "onnx"], help="default: from the suffix of --out")
     export.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. data.root=...)")
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -59,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="classify images with an exported network or a run; accuracy on labelled ones")
     predict.add_argument("model", help="a safetensors file from kdarena export, or a run folder")
     predict.add_argument("inputs", nargs="+", help="image files, folders or .tar/.tar.gz/.zip archives")
-    predict.add_argument("--top-k", type=int, default=5)
-    predict.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    predict.add_argument("--top-k", type=int, default=5, help="classes shown per image")
+    predict.add_argument("--format", choices=["table", "json", "csv"], default="table", help="table (default), or one record per image")
     predict.add_argument("--batch-size", type=int, default=None, help="default: the run's data.eval_batch_size")
     predict.add_argument("--workers", type=int, default=1, help="decode processes")
     predict.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="default: the run's train.precision, as kdarena eval")
@@ -72,10 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the registered methods with their papers, options and sweep presets")
 
     sweep = sub.add_parser("sweep", help="run methods x seeds into one experiment directory")
-    sweep.add_argument("config")
-    sweep.add_argument("overrides", nargs="*")
+    sweep.add_argument("config", help="YAML config every run starts from")
+    sweep.add_argument("overrides", nargs="*", help="key=value overrides for every run, e.g. optim.epochs=30")
     sweep.add_argument("--methods", default="independent,dml,cd", help="comma-separated; a name may carry overrides: cd:perturb.every=10")
-    sweep.add_argument("--seeds", default="0,1,2")
+    sweep.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, each run with every method (default 0,1,2)")
     sweep.add_argument("--jobs", type=int, default=1, help="runs trained at once in separate processes (each gets cores/jobs threads "
                        "unless train.threads is set); several small runs fill a GPU")
     sweep.add_argument("--out", help="experiment directory (default: OUTPUT/NAME-sweep); with --engine ray a folder every node sees")
@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     report = sub.add_parser("report", help="tables of mean +- std over seeds from experiment directories")
-    report.add_argument("dirs", nargs="+")
+    report.add_argument("dirs", nargs="+", help="experiment directories (from kdarena sweep) or folders of runs")
     report.add_argument("--out", help="where to write report.md and report.csv (default: the first directory)")
     report.add_argument("--best-on-test", action="store_true", help="also report the best test accuracy (selected on test; labelled so)")
     report.add_argument("--baseline", default=None,
@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     plot = sub.add_parser("plot", help="PNG plots of a run or an experiment directory")
-    plot.add_argument("path")
+    plot.add_argument("path", help="a run folder or an experiment directory")
     plot.add_argument("--out", help="folder for the PNGs (default: PATH/plots)")
     plot.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
