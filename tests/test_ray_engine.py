@@ -37,6 +37,8 @@ BASE = {"models": ["convnet", "convnet"], "data": {"name": "digits", "val_size":
         "perturb": {"enabled": False}, "train": {"progress": False, "tensorboard": False, "threads": 1}}
 #: long enough to lose a node or the driver mid-run (a checkpoint every epoch), short enough for a test
 EPOCHS = 6
+#: a run the interrupted-driver test stops: far longer than a stop takes to reach it, short enough to resume
+LONG_EPOCHS = 60
 #: what may differ between two runs of the same config: timings, paths and bookkeeping settings
 TIMING = ("wall_seconds", "images_per_s", "run_dir")
 
@@ -247,29 +249,34 @@ def test_a_lost_node_costs_its_run_no_epochs(cluster, undisturbed, tmp_path):
 
 
 def test_an_interrupted_driver_then_the_same_sweep_resumes(cluster, undisturbed, tmp_path):
-    """SIGINT to the driver once one run has finished and another has checkpointed; then the same sweep again."""
+    """SIGINT to the driver once two runs have finished and a third has checkpointed; then the same sweep again.
+
+    The third run is LONG_EPOCHS long so that it cannot finish in the time the stop takes to reach it (the
+    driver writes the stop file, the task looks every STOP_POLL_S, the trainer stops at the next step): with
+    runs as short as the others, a fast machine finishes them all before the stop arrives (CI did, at 0.8 s
+    a run)."""
     ray_cluster, _ = cluster
     exp = tmp_path / "exp"
-    names = [f"{m}-seed{s}" for s in (0, 1) for m in ("independent", "dml")]
-    driver = _driver(undisturbed["config"], exp, ray_cluster.address, "independent,dml", "0,1")
-    done = lambda: [n for n in names if (exp / n / "summary.json").is_file()]  # noqa: E731
-    # the driver has recorded a finished run, and another run has checkpointed but not finished
-    recorded = lambda: (exp / "sweep.json").is_file() and "trained" in {r["status"] for r in _runs(exp).values()}  # noqa: E731
-    _wait_for(lambda: recorded() and any(_epochs(exp / n) and n not in done() for n in names), driver)
+    short, long = ["independent-seed0", "dml-seed0"], "long-seed0"
+    methods = f"independent,dml,long:method.name=dml;optim.epochs={LONG_EPOCHS}"
+    driver = _driver(undisturbed["config"], exp, ray_cluster.address, methods, "0")
+    recorded = lambda: (exp / "sweep.json").is_file() and all(_runs(exp).get(n, {}).get("status") == "trained" for n in short)  # noqa: E731
+    _wait_for(lambda: recorded() and (exp / long / "checkpoints" / "last.pt").is_file(), driver)
+    assert not (exp / long / "summary.json").exists()
     driver.send_signal(signal.SIGINT)
     output = driver.communicate(timeout=120)[0]
     assert driver.returncode == 130, output
     assert "runs checkpoint and stop" in output and "Traceback" not in output, output  # asked, not killed
-    finished = done()
-    checkpointed = [n for n in names if n not in finished and (exp / n / "checkpoints" / "last.pt").is_file()]
-    assert finished and checkpointed, output
-    assert "interrupted" in {r["status"] for r in _runs(exp).values()}
+    assert not (exp / long / "summary.json").exists(), output
+    assert _runs(exp)[long]["status"] == "interrupted", output
+    stopped_at = len(_epochs(exp / long))
+    assert 0 < stopped_at < LONG_EPOCHS
 
-    records = run_sweep(undisturbed["config"], [], "independent,dml", "0,1", exp, engine="ray", address=ray_cluster.address)
+    records = run_sweep(undisturbed["config"], [], methods, "0", exp, engine="ray", address=ray_cluster.address)
     status = {f"{r['label']}-seed{r['seed']}": r["status"] for r in records}
-    assert {n for n, s in status.items() if s == "skipped"} == set(finished)
-    assert all(status[n] == "resumed" for n in checkpointed), status
-    for name in names:
-        assert _epochs(exp / name) == list(range(EPOCHS))
-    for name in ("independent-seed0", "dml-seed0"):  # the undisturbed sweep's runs, whatever happened to these
+    assert status == {"independent-seed0": "skipped", "dml-seed0": "skipped", long: "resumed"}, status
+    history = [json.loads(line) for line in (exp / long / "resumes.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and history[0]["step"] > 0  # from its checkpoint, not from epoch 0
+    assert _epochs(exp / long) == list(range(LONG_EPOCHS))  # each epoch once
+    for name in short:  # the undisturbed sweep's runs
         assert comparable(exp / name) == comparable(undisturbed["exp"] / name), name
