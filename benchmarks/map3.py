@@ -258,10 +258,15 @@ def phase2_table(cell: str, plan: dict) -> list[str]:
     verdicts = holm([t["p"] if not math.isnan(t["p"]) else 1.0 for t in tests])
     lines += ["", f"Paired differences, last-epoch test top-1 (mean over networks), Bonferroni-corrected "
               f"{100 - 5 / len(comparisons):.2f} % intervals (family-wise 95 % over {len(comparisons)} comparisons), "
-              "Holm at 5 %:", "", "| comparison | seeds | difference | interval | width | p | Holm |", "|---|---:|---:|---:|---:|---:|---|"]
+              "Holm at 5 %; the uncorrected 95 % interval of each comparison beside it, for reference (the "
+              "pre-registered decision is the corrected one):", "",
+              "| comparison | seeds | difference | corrected interval | width | 95 % interval | p | Holm |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for (a, b), t, rejected in zip(comparisons, tests, verdicts):
+        single = corrected_interval(last.get(a, {}), last.get(b, {}), 1)
         lines.append(f"| {a} − {b} | {t['n']} | {t['mean']:+.2f} | [{t['low']:+.2f}, {t['high']:+.2f}] | "
-                     f"{t['high'] - t['low']:.2f} | {t['p']:.4f} | {'significant' if rejected else 'n.s.'} |")
+                     f"{t['high'] - t['low']:.2f} | [{single['low']:+.2f}, {single['high']:+.2f}] | {t['p']:.4f} | "
+                     f"{'significant' if rejected else 'n.s.'} |")
     return lines + [""]
 
 

@@ -104,6 +104,8 @@ def test_tables_hide_phase1_test_until_the_preregistration_exists(map3):
     text = map3.tables()
     assert "12.34" in text  # exploratory test accuracy, shown once the plan is fixed
     assert "| dml − independent | 3 | +1.03 |" in text and "Interim" not in text
+    # one comparison: the corrected interval is the plain 95 % one (diffs 1.0, 1.1, 1.0: se 0.0333, t 4.303)
+    assert "| +1.03 | [+0.89, +1.18] | 0.29 | [+0.89, +1.18] |" in text
     assert (map3.RESULTS / "tables.md").read_text() == text
 
 
