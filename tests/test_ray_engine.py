@@ -35,8 +35,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"models": ["convnet", "convnet"], "data": {"name": "digits", "val_size": 200, "batch_size": 128},
         "perturb": {"enabled": False}, "train": {"progress": False, "tensorboard": False, "threads": 1}}
-#: long enough to lose a node or the driver mid-run (a checkpoint every epoch), short enough for a test
-EPOCHS = 6
+#: long enough to lose a node mid-run (a checkpoint every epoch) on a fast machine too (CI trains 0.13 s an epoch)
+EPOCHS = 12
 #: a run the interrupted-driver test stops: far longer than a stop takes to reach it, short enough to resume
 LONG_EPOCHS = 60
 #: what may differ between two runs of the same config: timings, paths and bookkeeping settings
