@@ -243,7 +243,8 @@ def phase2_table(cell: str, plan: dict) -> list[str]:
         return []
     comparisons = plan["comparisons"]
     lines = [f"### {cell}, phase 2 (confirmatory, seeds {plan['seeds'][0]}-{plan['seeds'][-1]})", "",
-             "| method | seeds | last test | test @ best val | last train | train − test |", "|---|---:|---:|---:|---:|---:|"]
+             "| method | seeds | last test | test @ best val | last train | train − test | ensemble, last test | "
+             "temporal means, last test |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     done = min(len(runs.get(name, {})) for pair in comparisons for name in pair)
     if done < len(plan["seeds"]):  # the plan has no early stop: an interim look decides nothing
         lines[1:1] = ["", f"**Interim: {done} of {len(plan['seeds'])} pre-registered seeds in every comparison; "
@@ -253,7 +254,8 @@ def phase2_table(cell: str, plan: dict) -> list[str]:
         train = [network_mean(s, "last_train_top1") for s in by_seed.values()]
         lines.append(f"| {name} | {len(by_seed)} | {pm(list(last[name].values()))} | "
                      f"{pm([network_mean(s, 'test_at_best_val_top1') for s in by_seed.values()])} | {pm(train)} | "
-                     f"{pm([t - l for t, l in zip(train, last[name].values()) if t is not None and l is not None])} |")
+                     f"{pm([t - l for t, l in zip(train, last[name].values()) if t is not None and l is not None])} | "
+                     f"{pm([ensemble_top1(s) for s in by_seed.values()])} | {pm([temporal_means_top1(s) for s in by_seed.values()])} |")
     tests = [corrected_interval(last.get(a, {}), last.get(b, {}), len(comparisons)) for a, b in comparisons]
     verdicts = holm([t["p"] if not math.isnan(t["p"]) else 1.0 for t in tests])
     lines += ["", f"Paired differences, last-epoch test top-1 (mean over networks), Bonferroni-corrected "
@@ -267,6 +269,40 @@ def phase2_table(cell: str, plan: dict) -> list[str]:
         lines.append(f"| {a} − {b} | {t['n']} | {t['mean']:+.2f} | [{t['low']:+.2f}, {t['high']:+.2f}] | "
                      f"{t['high'] - t['low']:.2f} | [{single['low']:+.2f}, {single['high']:+.2f}] | {t['p']:.4f} | "
                      f"{'significant' if rejected else 'n.s.'} |")
+    return lines + [""] + exploratory_table(runs, comparisons)
+
+
+def ensemble_top1(summary: dict) -> float | None:
+    value = (summary.get("ensemble") or {}).get("last_test_top1")
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def temporal_means_top1(summary: dict) -> float | None:
+    """Last test top-1 of the run's temporal means (``mean0``, ``mean1``, ...: cd-mean, PCL), mean over them."""
+    return network_mean({"networks": list((summary.get("extra") or {}).values())}, "last_test_top1")
+
+
+def exploratory_table(runs: dict[str, dict[int, dict]], comparisons: list[list[str]]) -> list[str]:
+    """The same runs read in ways the plan did not fix: plain 95 % intervals, no correction, no verdicts."""
+    def by_seed(name: str, read) -> dict[int, float]:
+        return {s: v for s, v in ((s, read(summary)) for s, summary in runs.get(name, {}).items()) if v is not None}
+
+    last = lambda summary: network_mean(summary, "last_test_top1")  # noqa: E731
+    at_best = lambda summary: network_mean(summary, "test_at_best_val_top1")  # noqa: E731
+    planned = {tuple(pair) for pair in comparisons} | {tuple(reversed(pair)) for pair in comparisons}
+    names = list(runs)
+    rows = [(f"{a} − {b}", "last test, mean over networks", a, b, last)
+            for i, a in enumerate(names) for b in names[i + 1:] if (a, b) not in planned]
+    rows += [(f"{a} − {b}", what, a, b, read) for what, read in (("test @ best val, mean over networks", at_best),
+                                                                  ("ensemble, last test", ensemble_top1),
+                                                                  ("temporal means, last test", temporal_means_top1))
+             for a, b in comparisons]
+    lines = ["Exploratory (not pre-registered: plain 95 % intervals, uncorrected, no verdicts):", "",
+             "| comparison | metric | seeds | difference | 95 % interval |", "|---|---|---:|---:|---:|"]
+    for label, what, a, b, read in rows:
+        t = corrected_interval(by_seed(a, read), by_seed(b, read), 1)
+        if t["n"] >= 2:
+            lines.append(f"| {label} | {what} | {t['n']} | {t['mean']:+.2f} | [{t['low']:+.2f}, {t['high']:+.2f}] |")
     return lines + [""]
 
 

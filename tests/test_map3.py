@@ -106,6 +106,9 @@ def test_tables_hide_phase1_test_until_the_preregistration_exists(map3):
     assert "| dml − independent | 3 | +1.03 |" in text and "Interim" not in text
     # one comparison: the corrected interval is the plain 95 % one (diffs 1.0, 1.1, 1.0: se 0.0333, t 4.303)
     assert "| +1.03 | [+0.89, +1.18] | 0.29 | [+0.89, +1.18] |" in text
+    # exploratory readings: a metric the plan did not fix, plain 95 %; no ensemble in these summaries, no row for it
+    assert "| dml − independent | test @ best val, mean over networks | 3 | +1.03 | [+0.89, +1.18] |" in text
+    assert "ensemble, last test | 3" not in text
     assert (map3.RESULTS / "tables.md").read_text() == text
 
 
