@@ -359,8 +359,11 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         summary = summarize(read_metrics(self.run_dir), self.n) if self.is_main else {}
         if self.is_main:
+            # what it ran on: a study must not mix bf16 and fp32 runs, or machines, unknowingly
             summary.update({"run_dir": str(self.run_dir), "config": to_dict(self.config), "version": __version__,
-                            "world_size": self.info.world_size})
+                            "world_size": self.info.world_size, "precision": self.precision,
+                            "device": self.device.type, "device_model": dist_utils.device_model(self.device),
+                            "torch": torch.__version__})
             write_json(self.run_dir / "summary.json", summary)
             self.metrics.close()
         return summary

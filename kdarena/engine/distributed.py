@@ -51,6 +51,22 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
     return device
 
 
+def device_model(device: torch.device) -> str:
+    """The hardware a run ran on, in words (the GPU's name, or the CPU's model name), for its summary: results
+    measured on different machines must say so."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    import platform
+    return platform.processor() or platform.machine() or device.type
+
+
 def init(info: DistInfo, device: torch.device) -> None:
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
