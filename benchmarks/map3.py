@@ -141,18 +141,23 @@ def network_mean(summary: dict, key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def load_results(cell: str, phase: int) -> dict[str, dict[int, dict]]:
+def folder(phase: int | str) -> str:
+    """Where a phase's summaries live: ``phase1``, ``phase2`` (part three), ``part4`` (part four's confirmation)."""
+    return "part4" if phase == "p4" else f"phase{phase}"
+
+
+def load_results(cell: str, phase: int | str) -> dict[str, dict[int, dict]]:
     """label -> seed -> committed summary of one phase of one cell."""
     found: dict[str, dict[int, dict]] = {}
-    for path in sorted((RESULTS / cell / f"phase{phase}").glob("*-seed*.json")):
+    for path in sorted((RESULTS / cell / folder(phase)).glob("*-seed*.json")):
         name, seed = path.stem.rsplit("-seed", 1)
         found.setdefault(name, {})[int(seed)] = json.loads(path.read_text())
     return found
 
 
-def collect(exp_dir: Path, cell: str, phase: int, commit: bool) -> list[Path]:
+def collect(exp_dir: Path, cell: str, phase: int | str, commit: bool) -> list[Path]:
     """Copy every finished run's summary (and its sweep wall time, evaluation included) into the results."""
-    dest = RESULTS / cell / f"phase{phase}"
+    dest = RESULTS / cell / folder(phase)
     dest.mkdir(parents=True, exist_ok=True)
     seconds = {}
     if (exp_dir / "sweep.json").is_file():
@@ -172,7 +177,7 @@ def collect(exp_dir: Path, cell: str, phase: int, commit: bool) -> list[Path]:
             rel = target.relative_to(ROOT)
             subprocess.run(["git", "-C", str(ROOT), "add", str(rel)], check=False)
             subprocess.run(["git", "-C", str(ROOT), "commit", "-q", "-m",
-                            f"map3 {cell} phase {phase}: {path.parent.name} finished", "--", str(rel)], check=False)
+                            f"map3 {cell} {folder(phase)}: {path.parent.name} finished", "--", str(rel)], check=False)
     return new
 
 
@@ -183,6 +188,17 @@ def preregistered() -> dict | None:
         return None
     block = re.search(r"```json\n(.*?)\n```", PREREGISTRATION.read_text(), re.S)
     return json.loads(block.group(1)) if block else None
+
+
+def part4_plan() -> dict | None:
+    """Part four's block of benchmarks/preregistration.md (``{"c10-5k": {...}}``; None before it is written)."""
+    if not PREREGISTRATION.is_file():
+        return None
+    for block in re.findall(r"```json\n(.*?)\n```", PREREGISTRATION.read_text(), re.S):
+        parsed = json.loads(block)
+        if "part4" in parsed:
+            return parsed["part4"]
+    return None
 
 
 def select(cell: str) -> tuple[str | None, list[tuple[str, float, int]]]:
@@ -237,12 +253,13 @@ def phase1_table(cell: str, show_test: bool) -> list[str]:
     return lines
 
 
-def phase2_table(cell: str, plan: dict) -> list[str]:
-    runs = load_results(cell, 2)
+def phase2_table(cell: str, plan: dict, runs: dict[str, dict[int, dict]] | None = None, title: str | None = None) -> list[str]:
+    runs = load_results(cell, 2) if runs is None else runs
     if not runs:
         return []
     comparisons = plan["comparisons"]
-    lines = [f"### {cell}, phase 2 (confirmatory, seeds {plan['seeds'][0]}-{plan['seeds'][-1]})", "",
+    title = title or f"### {cell}, phase 2 (confirmatory, seeds {plan['seeds'][0]}-{plan['seeds'][-1]})"
+    lines = [title, "",
              "| method | seeds | last test | test @ best val | last train | train − test | ensemble, last test | "
              "temporal means, last test |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     done = min(len(runs.get(name, {})) for pair in comparisons for name in pair)
@@ -313,10 +330,42 @@ def tables() -> str:
         lines += phase1_table(cell, show_test=plan is not None)
         if plan and cell in plan.get("cells", {}):
             lines += phase2_table(cell, plan["cells"][cell])
+    lines += part4_tables()
     text = "\n".join(lines) + "\n"
     (RESULTS / "tables.md").parent.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tables.md").write_text(text)
     return text
+
+
+def part4_tables() -> list[str]:
+    """Part four's confirmation: its new methods beside part three's committed references, paired by seed, and the
+    check that today's code reproduces a committed run."""
+    plan = part4_plan()
+    if not plan:
+        return []
+    lines = ["# The map, part four: tables", ""]
+    for cell, cell_plan in plan.items():
+        new = load_results(cell, "p4")
+        check_label, check_seed, check_of = label(cell_plan["check"][0]), cell_plan["check"][1], cell_plan["check"][2]
+        rerun, committed = new.pop(check_label, {}).get(check_seed), load_results(cell, 2).get(check_of, {}).get(check_seed)
+        lines += [f"### {cell}: the same recipe and code as the committed runs", ""]
+        if rerun and committed:
+            keys = ("last_test_top1", "last_val_top1", "best_val_top1", "last_train_top1")
+            same = all(a.get(k) == b.get(k) for a, b in zip(rerun["networks"], committed["networks"]) for k in keys)
+            lines += [f"`{check_of}` seed {check_seed} retrained with `{' '.join(cell_plan['overrides'])}` "
+                      f"({rerun.get('precision', '?')}, {rerun.get('device_model', '?')}, torch {rerun.get('torch', '?')}): "
+                      "last test top-1 per network " + " / ".join(f"{n['last_test_top1']:.2f}" for n in rerun["networks"])
+                      + ", committed " + " / ".join(f"{n['last_test_top1']:.2f}" for n in committed["networks"]) + ": "
+                      + ("**identical** (test, validation and training top-1 of every network)" if same else "**different**"),
+                      ""]
+        else:
+            lines += ["The check run has not finished yet.", ""]
+        references = load_results(cell, 2)
+        runs = {name: references.get(name, {}) for name in cell_plan["references"]}
+        runs.update(new)
+        seeds = cell_plan["seeds"]
+        lines += phase2_table(cell, cell_plan, runs, f"### {cell}, part four (confirmatory, seeds {seeds[0]}-{seeds[-1]})")
+    return lines
 
 
 # ----------------------------------------------------------------------------- running
@@ -341,13 +390,23 @@ def run(cell: str, phase: int, archive: str, out: Path, jobs: int, commit: bool,
     if phase == 1:
         references, rest, candidates = phase1_parts(model)
         batches, phase_seeds = [references + candidates, rest], [0, 1, 2]
+    elif phase == "p4":
+        plan = part4_plan()
+        if plan is None or cell not in plan:
+            sys.exit(f"part four of {cell} is not pre-registered: commit {PREREGISTRATION.relative_to(ROOT)} first")
+        overrides = overrides + plan[cell]["overrides"]
+        check_spec, check_seed, _ = plan[cell]["check"]
+        phase_seeds = plan[cell]["seeds"]
+        # the check run and the first seed side by side, so the reproduction is known after the first batch
+        batches = [(plan[cell]["methods"] + [check_spec], [check_seed]), (plan[cell]["methods"], phase_seeds)]
     else:
         plan = preregistered()
         if plan is None or cell not in plan.get("cells", {}):
             sys.exit(f"phase 2 of {cell} is not pre-registered: commit {PREREGISTRATION.relative_to(ROOT)} first")
         batches, phase_seeds = [plan["cells"][cell]["methods"]], plan["cells"][cell]["seeds"]
     wanted = [int(s) for s in seeds.split(",")] if seeds else phase_seeds
-    exp_dir = out / cell / f"phase{phase}"
+    batches = [batch if isinstance(batch, tuple) else (batch, wanted) for batch in batches]
+    exp_dir = out / cell / folder(phase)
     done = threading.Event()
 
     def watch() -> None:  # commit each summary as its run finishes, not when the whole sweep does
@@ -357,8 +416,8 @@ def run(cell: str, phase: int, archive: str, out: Path, jobs: int, commit: bool,
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        for batch in batches:
-            for specs, seed_text in missing_grids(cell, phase, batch, wanted):
+        for batch, batch_seeds in batches:
+            for specs, seed_text in missing_grids(cell, phase, batch, [s for s in batch_seeds if s in wanted]):
                 run_sweep(config, [f"data.root={archive}", *overrides], specs, seed_text, exp_dir, jobs=jobs)
     finally:
         done.set()
@@ -371,7 +430,8 @@ def main() -> None:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run")
     r.add_argument("--cell", choices=sorted(CELLS), required=True)
-    r.add_argument("--phase", type=int, choices=[1, 2], required=True)
+    r.add_argument("--phase", type=lambda v: v if v == "p4" else int(v), choices=[1, 2, "p4"], required=True,
+                   help="1, 2 (part three) or p4 (part four's confirmation, benchmarks/preregistration.md)")
     r.add_argument("--cifar10", help="cifar10-jpeg.tar.gz (or a folder of train/ test/ class folders)")
     r.add_argument("--tiny-imagenet", help="tiny-imagenet-32.tar.gz")
     r.add_argument("--out", default="runs/map3")
