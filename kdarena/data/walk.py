@@ -23,6 +23,8 @@ import stat
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
+from .. import safe_files
+
 _CHUNK = 1 << 20
 
 
@@ -129,25 +131,13 @@ def walk_order(rel: str) -> list[tuple[int, str]]:
 
 
 def open_regular(path: str) -> BinaryIO:
-    """``path`` opened for reading, refused (``OSError``) unless it is a regular file; never blocks."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file (a FIFO, device or socket); remove it")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+    """``path`` opened for reading, refused (``OSError``) unless it is a regular file; never blocks, never follows a link."""
+    return safe_files.open_regular(path, follow_links=False)
 
 
 def read_regular(path: str, limit: int) -> bytes:
     """All bytes of a regular file of at most ``limit`` bytes (``OSError`` beyond: never read unbounded)."""
-    with open_regular(path) as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise OSError(f"{path} holds more than {limit} bytes (it grew since it was listed, or is not what its name says)")
-    return data
+    return safe_files.read_bytes(path, limit, follow_links=False)
 
 
 def sha256_regular(path: str) -> str:
