@@ -55,7 +55,8 @@ RESUMABLE = {"resumable": True}
 
 class DataConfig(_Section):
     name: Literal[DATA_NAMES] = "fashion_mnist"  # type: ignore[valid-type]  # (the data registry's names)
-    root: Optional[str] = Field(None, json_schema_extra=BOOKKEEPING, description="data folder, or for imagefolder/tiny_imagenet a folder or .tar/.tar.gz/.zip of one "
+    root: Optional[str] = Field(None, json_schema_extra=BOOKKEEPING, description="data folder; for imagefolder/tiny_imagenet, and cifar10/cifar100 stored as image files "
+                                "(train/ and test/ class folders, classes.txt for the label order), a folder or .tar/.tar.gz/.zip of one "
                                 "(default: search $KDARENA_DATA, ~/.cache/kdarena, system paths)")
     download: bool = Field(False, json_schema_extra=BOOKKEEPING)
     val_size: Union[int, float] = Field(5000, ge=0, description="held-out validation samples (count, or fraction < 1)")

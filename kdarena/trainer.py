@@ -356,6 +356,13 @@ class Trainer:
         if improved:
             self.save("best.pt")
 
+    def data_counts(self) -> dict[str, Any]:
+        """What the run trained and was scored on: the class count and each split's number of images."""
+        data = self.data
+        count = lambda loader: len(loader.dataset) if loader is not None else 0  # noqa: E731
+        return {"name": self.config.data.name, "classes": data.num_classes, "train_images": count(data.train),
+                "val_images": count(data.val), "test_images": count(data.test)}
+
     def finish(self) -> dict[str, Any]:
         summary = summarize(read_metrics(self.run_dir), self.n) if self.is_main else {}
         if self.is_main:
@@ -363,7 +370,7 @@ class Trainer:
             summary.update({"run_dir": str(self.run_dir), "config": to_dict(self.config), "version": __version__,
                             "world_size": self.info.world_size, "precision": self.precision,
                             "device": self.device.type, "device_model": dist_utils.device_model(self.device),
-                            "torch": torch.__version__})
+                            "torch": torch.__version__, "data": self.data_counts()})
             write_json(self.run_dir / "summary.json", summary)
             self.metrics.close()
         return summary

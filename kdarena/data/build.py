@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..config import Config, ConfigError
+from .cifar import stored_as_image_files, with_cifar_statistics
 from .datasets import ArrayDataset
 from .registry import IMAGE_SETS, load_arrays
 from .sampling import grouped_length
@@ -169,9 +170,13 @@ def _image_arrays(config: Config, rank: int):
 
 
 def build_data(config: Config, device: torch.device, rank: int = 0, world: int = 1) -> DataBundle:
-    if config.data.name in IMAGE_SETS:
+    d = config.data
+    cifar_images = d.name in CIFAR_LIKE and stored_as_image_files(d.name, d.root)
+    if d.name in IMAGE_SETS or cifar_images:
         arrays = _image_arrays(config, rank)
         if arrays is None:
             return _folder_loaders(config, device, rank, world)
+        if cifar_images:
+            arrays = with_cifar_statistics(d.name, arrays, d.root)
         return _array_loaders(config, device, rank, world, arrays)
     return _array_loaders(config, device, rank, world)

@@ -191,6 +191,34 @@ def _load(name: str, root: str | None, download: bool) -> tuple[ArrayDataset, Ar
     return build(spec["train"]), build(spec["test"])
 
 
+def stored_as_image_files(name: str, root: str | None) -> bool:
+    """Whether ``data.root`` holds CIFAR as image files (an archive, or a folder with ``train/`` and ``test/`` class
+    folders of JPEG/PNG files, as ``cifar10-jpeg.tar.gz`` or a CIFAR-100 re-split) rather than the pickle batches.
+    Those go through :func:`kdarena.data.images.load_image_set` and get :func:`with_cifar_statistics`."""
+    if not root:
+        return False
+    path = os.path.expanduser(root)
+    if path.lower().endswith((".tar", ".tar.gz", ".tgz", ".zip")):  # the official pickles come extracted
+        return True
+    if not os.path.isdir(path) or find_dir(name, root)[0] is not None:
+        return False
+    tops = [path] + [os.path.join(path, e) for e in os.listdir(path) if os.path.isdir(os.path.join(path, e))]
+    return any(os.path.isdir(os.path.join(top, "train")) for top in tops)
+
+
+def with_cifar_statistics(name: str, sets: tuple[ArrayDataset, ArrayDataset], root: str) -> tuple[ArrayDataset, ArrayDataset]:
+    """CIFAR read from image files, normalised with the data set's published statistics (as the pickles are), so a
+    run on the JPEGs and one on the pickles preprocess alike; the class count must be the data set's."""
+    spec = _SPECS[name]
+    found = sets[0].num_classes
+    if found != spec["num_classes"]:
+        raise DataError(f"data.name={name} expects {spec['num_classes']} classes but {root} has {found}; "
+                        "use data.name=imagefolder for another set of image folders")
+    for ds in sets:
+        ds.mean, ds.std = spec["mean"], spec["std"]
+    return sets
+
+
 def load_cifar10(root: str | None = None, download: bool = False) -> tuple[ArrayDataset, ArrayDataset]:
     """(train, test) CIFAR-10: 50,000 / 10,000 images of 3x32x32."""
     return _load("cifar10", root, download)

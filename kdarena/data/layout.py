@@ -6,8 +6,9 @@ Layouts understood (a single top-level folder, like ``cifar10-jpeg/``, is steppe
   exist; it is the test set, the validation split is held out of ``train``);
 * Tiny-ImageNet as downloaded: ``train/WNID/images/*.JPEG``, ``val/images/*.JPEG`` labelled by
   ``val/val_annotations.txt``; its unlabelled ``test/`` is ignored because ``val`` exists;
-* ``wnids.txt`` at the top fixes the class order (else classes are sorted names); ``words.txt``
-  gives readable class names (only for display).
+* ``wnids.txt`` (Tiny-ImageNet) or ``classes.txt`` (the CIFAR archives: one class folder name a line)
+  at the top fixes the class order, so labels keep their data set's numbering (else classes are
+  sorted names); ``words.txt`` gives readable class names (only for display).
 """
 from __future__ import annotations
 
@@ -106,13 +107,17 @@ def parse_layout(src: Listing) -> Layout:
         return by_class
 
     train, test = split_files("train"), split_files(test_split)
-    if "wnids.txt" in files:
-        classes = [w.strip() for w in src.read_text(files["wnids.txt"]).splitlines() if w.strip()]
+    order = next((name for name in ("wnids.txt", "classes.txt") if name in files), None)
+    if order:
+        classes = [w.strip() for w in src.read_text(files[order]).splitlines() if w.strip()]
         extra = sorted(set(train) - set(classes))
         if extra:
             raise ImageDataError(
-                f"{src.path}: train/ has class folders {extra[:5]} that wnids.txt does not list; fix wnids.txt or remove them"
+                f"{src.path}: train/ has class folders {extra[:5]} that {order} does not list; fix {order} or remove them"
             )
+        repeated = sorted({c for c in classes if classes.count(c) > 1})
+        if repeated:
+            raise ImageDataError(f"{src.path}: {order} lists {repeated[:5]} more than once; list each class once")
     else:
         classes = sorted(train)
     if not classes:

@@ -38,7 +38,7 @@ from .walk import FileEntry, read_regular, scan_folder, skipped_note
 __all__ = ["ARCHIVE_SUFFIXES", "ImageDataError", "Layout", "Source", "is_archive", "open_source", "parse_layout"]
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
-_TEXT_FILES = ("wnids.txt", "words.txt", "val_annotations.txt")
+_TEXT_FILES = ("wnids.txt", "classes.txt", "words.txt", "val_annotations.txt")
 _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError, ValueError)
 
 
