@@ -13,7 +13,7 @@ $(BIN)/kdarena: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,plot,tensorboard,export,ray]"
+	$(BIN)/pip install -q -e ".[test,plot,tensorboard,export,ray,tune]"
 	touch $@
 
 # Fashion-MNIST from Debian's package when it is missing (offline); otherwise kdarena can download it.

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kdarena.experiments.stats import mean, paired_difference, sample_std  # noqa: E402
+from kdarena.experiments.stats import holm, mean, paired_difference, sample_std  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "map3"
 PREREGISTRATION = ROOT / "benchmarks" / "preregistration.md"
@@ -68,70 +68,6 @@ def phase1_parts(model: str) -> tuple[list[str], list[str], list[str]]:
 
 def label(spec: str) -> str:
     return spec.split(":", 1)[0]
-
-
-# ----------------------------------------------------------------------------- statistics
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
-    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def t_cdf(t: float, df: int) -> float:
-    """P(T <= t) for Student's t with ``df`` degrees of freedom."""
-    if t == 0:
-        return 0.5
-    x = df / (df + t * t)
-    a, b = df / 2.0, 0.5
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    ibeta = front * _betacf(a, b, x) / a if x < (a + 1) / (a + b + 2) else 1.0 - front * _betacf(b, a, 1 - x) / b
-    return 1.0 - 0.5 * ibeta if t >= 0 else 0.5 * ibeta
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile of Student's t (bisection on :func:`t_cdf`)."""
-    low, high = -1e3, 1e3
-    for _ in range(200):
-        mid = (low + high) / 2
-        low, high = (mid, high) if t_cdf(mid, df) < p else (low, mid)
-    return (low + high) / 2
-
-
-def corrected_interval(a: dict[int, float], b: dict[int, float], comparisons: int) -> dict:
-    """Paired t over matched seeds with a Bonferroni-corrected interval (family-wise 95 % over ``comparisons``)
-    and the Holm-ready two-sided p-value."""
-    seeds = sorted(set(a) & set(b))
-    diffs = [a[s] - b[s] for s in seeds]
-    n = len(diffs)
-    if n < 2:
-        return {"n": n, "mean": mean(diffs) if diffs else math.nan, "low": math.nan, "high": math.nan, "p": math.nan}
-    m, se = mean(diffs), sample_std(diffs) / math.sqrt(n)
-    half = t_quantile(1 - 0.05 / (2 * comparisons), n - 1) * se
-    p = 2 * (1 - t_cdf(abs(m) / se, n - 1)) if se > 0 else (0.0 if m else 1.0)
-    return {"n": n, "mean": m, "low": m - half, "high": m + half, "p": p}
-
-
-def holm(pvalues: list[float]) -> list[bool]:
-    """Holm's step-down procedure at family-wise 5 %: which hypotheses are rejected."""
-    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
-    rejected, k = [False] * len(pvalues), len(pvalues)
-    for rank, i in enumerate(order):
-        if not pvalues[i] <= 0.05 / (k - rank):
-            break
-        rejected[i] = True
-    return rejected
 
 
 # ----------------------------------------------------------------------------- committed summaries
@@ -273,8 +209,8 @@ def phase2_table(cell: str, plan: dict, runs: dict[str, dict[int, dict]] | None 
                      f"{pm([network_mean(s, 'test_at_best_val_top1') for s in by_seed.values()])} | {pm(train)} | "
                      f"{pm([t - l for t, l in zip(train, last[name].values()) if t is not None and l is not None])} | "
                      f"{pm([ensemble_top1(s) for s in by_seed.values()])} | {pm([temporal_means_top1(s) for s in by_seed.values()])} |")
-    tests = [corrected_interval(last.get(a, {}), last.get(b, {}), len(comparisons)) for a, b in comparisons]
-    verdicts = holm([t["p"] if not math.isnan(t["p"]) else 1.0 for t in tests])
+    tests = [paired_difference(last.get(a, {}), last.get(b, {}), len(comparisons)) for a, b in comparisons]
+    verdicts = holm([t.p for t in tests])
     lines += ["", f"Paired differences, last-epoch test top-1 (mean over networks), Bonferroni-corrected "
               f"{100 - 5 / len(comparisons):.2f} % intervals (family-wise 95 % over {len(comparisons)} comparisons), "
               "Holm at 5 %; the uncorrected 95 % interval of each comparison beside it, for reference (the "
@@ -282,9 +218,9 @@ def phase2_table(cell: str, plan: dict, runs: dict[str, dict[int, dict]] | None 
               "| comparison | seeds | difference | corrected interval | width | 95 % interval | p | Holm |",
               "|---|---:|---:|---:|---:|---:|---:|---|"]
     for (a, b), t, rejected in zip(comparisons, tests, verdicts):
-        single = corrected_interval(last.get(a, {}), last.get(b, {}), 1)
-        lines.append(f"| {a} − {b} | {t['n']} | {t['mean']:+.2f} | [{t['low']:+.2f}, {t['high']:+.2f}] | "
-                     f"{t['high'] - t['low']:.2f} | [{single['low']:+.2f}, {single['high']:+.2f}] | {t['p']:.4f} | "
+        single = paired_difference(last.get(a, {}), last.get(b, {}))
+        lines.append(f"| {a} − {b} | {t.n} | {t.mean:+.2f} | [{t.low:+.2f}, {t.high:+.2f}] | "
+                     f"{t.width:.2f} | [{single.low:+.2f}, {single.high:+.2f}] | {t.p:.4f} | "
                      f"{'significant' if rejected else 'n.s.'} |")
     return lines + [""] + exploratory_table(runs, comparisons)
 
@@ -317,9 +253,9 @@ def exploratory_table(runs: dict[str, dict[int, dict]], comparisons: list[list[s
     lines = ["Exploratory (not pre-registered: plain 95 % intervals, uncorrected, no verdicts):", "",
              "| comparison | metric | seeds | difference | 95 % interval |", "|---|---|---:|---:|---:|"]
     for label, what, a, b, read in rows:
-        t = corrected_interval(by_seed(a, read), by_seed(b, read), 1)
-        if t["n"] >= 2:
-            lines.append(f"| {label} | {what} | {t['n']} | {t['mean']:+.2f} | [{t['low']:+.2f}, {t['high']:+.2f}] |")
+        t = paired_difference(by_seed(a, read), by_seed(b, read))
+        if t.n >= 2:
+            lines.append(f"| {label} | {what} | {t.n} | {t.mean:+.2f} | [{t.low:+.2f}, {t.high:+.2f}] |")
     return lines + [""]
 
 

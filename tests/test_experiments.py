@@ -162,24 +162,6 @@ def test_statistics():
     assert pooled_std([1.0, 3.0], [2.0, 2.0, 2.0]) == pytest.approx(math.sqrt(2.0 / 3.0))
 
 
-def test_t_quantiles_and_the_paired_interval_match_scipy():
-    stats = pytest.importorskip("scipy.stats")
-    from kdarena.experiments.stats import paired_difference, t975
-
-    for df in (1, 2, 3, 4, 9, 29, 30, 35, 50, 100, 1000):
-        assert abs(t975(df) - stats.t.ppf(0.975, df)) < 2e-3 * stats.t.ppf(0.975, df), df
-    a = {0: 71.0, 1: 72.5, 2: 70.0, 7: 99.0}
-    b = {0: 70.0, 1: 71.0, 2: 70.5, 3: 10.0}  # seeds 3 and 7 have no partner: left out
-    d = paired_difference(a, b)
-    diffs = [1.0, 1.5, -0.5]
-    low, high = stats.t.interval(0.95, 2, loc=statistics.mean(diffs), scale=statistics.stdev(diffs) / math.sqrt(3))
-    assert d.n == 3 and d.mean == pytest.approx(statistics.mean(diffs))
-    assert (d.low, d.high) == (pytest.approx(low, abs=1e-3), pytest.approx(high, abs=1e-3))
-    assert d.verdict == "n.s."
-    assert paired_difference({0: 2.0, 1: 2.1, 2: 2.2}, {0: 1.0, 1: 1.0, 2: 1.05}).verdict == "better"
-    assert paired_difference({0: 1.0}, {0: 2.0}).text() == "-1.00 (1 seed)"
-
-
 def test_parallel_sweep_gives_the_same_runs(experiment):
     """--jobs 2: the same runs as one by one (same threads, CPU: bit-identical accuracies)."""
     exp = experiment["root"] / "parallel"

@@ -1,20 +1,22 @@
-"""Statistics for reports: mean, sample std, and the paired difference with a 95 % t-interval.
+"""Statistics for reports and comparisons: mean, sample std, and paired differences with t-intervals.
 
 "Method A beats B" has one meaning in kdarena: over seeds run for both (matched by seed, so each
-pair shares its data order and initial weights), the mean of the differences A - B has a 95 %
-confidence interval (Student's t, n - 1 degrees of freedom) entirely above zero.
+pair shares its data order and initial weights), the mean of the differences A - B has a confidence
+interval (Student's t, n - 1 degrees of freedom) entirely above zero. When several comparisons are
+read together, each interval is widened by Bonferroni's correction (level 1 - alpha / comparisons)
+so that all of them hold at once with probability 1 - alpha, and Holm's step-down procedure decides
+which differences are significant. The distributions come from :mod:`scipy.stats`; the Wilcoxon
+signed-rank p-value is given beside the t-test's as a check that does not assume normal differences.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-#: two-sided 95 % quantiles t_{0.975, df} of Student's t for df = 1..30, then 40, 60, 120 and infinity
-_T975 = [12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
-         2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
-         2.0518, 2.0484, 2.0452, 2.0423]
-_T975_TAIL = [(40, 2.0211), (60, 2.0003), (120, 1.9799), (math.inf, 1.9600)]
+#: family-wise error rate of every interval and test here (95 % intervals)
+ALPHA = 0.05
 
 
 def mean(values: Sequence[float]) -> float:
@@ -36,30 +38,17 @@ def pooled_std(a: Sequence[float], b: Sequence[float]) -> float:
     return math.sqrt(((len(a) - 1) * sample_std(a) ** 2 + (len(b) - 1) * sample_std(b) ** 2) / dof)
 
 
-def t975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (table; interpolated in 1/df past 30)."""
-    if df < 1:
-        return math.nan
-    if df <= 30:
-        return _T975[df - 1]
-    low_df, low_t = 30, _T975[-1]
-    for high_df, high_t in _T975_TAIL:
-        if df <= high_df:
-            # t is close to linear in 1/df between the table's rows
-            w = (1 / low_df - 1 / df) / (1 / low_df - (0 if math.isinf(high_df) else 1 / high_df))
-            return low_t + w * (high_t - low_t)
-        low_df, low_t = high_df, high_t
-    return 1.96
-
-
 @dataclass(frozen=True)
 class Paired:
-    """Mean of the matched differences a - b and its 95 % interval."""
+    """Mean of the matched differences a - b, its interval at ``confidence``, and two-sided p-values."""
 
     n: int
     mean: float
     low: float
     high: float
+    p: float = math.nan  # paired t-test
+    wilcoxon_p: float = math.nan  # Wilcoxon signed-rank test (exact for small n)
+    confidence: float = 1 - ALPHA  # the interval's level: 1 - alpha / comparisons
 
     @property
     def width(self) -> float:
@@ -85,14 +74,47 @@ class Paired:
         return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
 
 
-def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> Paired:
-    """Paired t-interval of a - b over the seeds present in both (``{seed: value}``)."""
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float], comparisons: int = 1,
+                      alpha: float = ALPHA) -> Paired:
+    """Paired t-interval of a - b over the seeds present in both (``{seed: value}``), Bonferroni-corrected for
+    ``comparisons`` read together (1: the plain 1 - alpha interval), with the t and Wilcoxon p-values."""
+    from scipy import stats
+
+    if comparisons < 1:
+        raise ValueError(f"comparisons must be >= 1, got {comparisons}")
+    confidence = 1 - alpha / comparisons
     seeds = sorted(set(a) & set(b))
     diffs = [a[s] - b[s] for s in seeds]
     if not diffs:
-        return Paired(0, math.nan, math.nan, math.nan)
+        return Paired(0, math.nan, math.nan, math.nan, confidence=confidence)
     m = mean(diffs)
     if len(diffs) < 2:
-        return Paired(1, m, math.nan, math.nan)
-    half = t975(len(diffs) - 1) * sample_std(diffs) / math.sqrt(len(diffs))
-    return Paired(len(diffs), m, m - half, m + half)
+        return Paired(1, m, math.nan, math.nan, confidence=confidence)
+    if max(diffs) == min(diffs):
+        # no spread: the t statistic is infinite (or undefined for zero); the interval is the point itself
+        return Paired(len(diffs), m, m, m, 0.0 if m else 1.0, _wilcoxon(diffs), confidence)
+    test = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds])
+    interval = test.confidence_interval(confidence_level=confidence)
+    return Paired(len(diffs), m, float(interval.low), float(interval.high), float(test.pvalue), _wilcoxon(diffs), confidence)
+
+
+def _wilcoxon(diffs: Sequence[float]) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of ``diffs`` (NaN when every difference is zero)."""
+    from scipy import stats
+
+    if all(d == 0 for d in diffs):
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ties or zeros: scipy notes it switches to the normal approximation
+        return float(stats.wilcoxon(diffs).pvalue)
+
+
+def holm(pvalues: Sequence[float], alpha: float = ALPHA) -> list[bool]:
+    """Holm's step-down procedure at family-wise ``alpha``: which hypotheses are rejected (NaN: never)."""
+    order = sorted(range(len(pvalues)), key=lambda i: math.inf if math.isnan(pvalues[i]) else pvalues[i])
+    rejected, k = [False] * len(pvalues), len(pvalues)
+    for rank, i in enumerate(order):
+        if not pvalues[i] <= alpha / (k - rank):  # NaN compares False: stops here
+            break
+        rejected[i] = True
+    return rejected
