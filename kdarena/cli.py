@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--format", choices=["table", "json", "csv"], default="table", help="table (default), or one record per image")
     predict.add_argument("--batch-size", type=int, default=None, help="default: the run's data.eval_batch_size")
     predict.add_argument("--workers", type=int, default=1, help="decode processes")
+    predict.add_argument("--cache-max-gb", type=float, default=None, help="memory an input archive's bytes may take, GB (default 1; a folder is streamed)")
     predict.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="default: the run's train.precision, as kdarena eval")
     predict.add_argument("--network", default="best", help="with a run folder: best, ensemble or an index")
     predict.add_argument("--checkpoint", choices=["best", "last"], default="best", help="with a run folder")
@@ -129,7 +130,7 @@ def _cmd_train(args) -> int:
         if args.config and "=" not in args.config and Path(args.config).resolve() != base.resolve():
             logging.getLogger("kdarena").info("resuming with the run's own config.yaml; %s is not used", args.config)
         if not base.is_file():
-            from .engine.runlog import RunDirError
+            from .runs.folder import RunDirError
 
             raise RunDirError(f"cannot resume: {run_dir} holds no run (no config.yaml)")
         config = cfg.load(base, overrides)
@@ -144,21 +145,10 @@ def _cmd_train(args) -> int:
         print(f"kdarena: {stop}", file=sys.stderr)
         return 130
     if summary.get("networks"):
-        _print_summary(summary)
+        from .runs.summary import Summary
+
+        print(Summary.model_validate(summary).table())
     return 0
-
-
-def _print_summary(summary: dict) -> None:
-    split = summary.get("selection_split", "test")
-    print(f"run: {summary.get('run_dir', '')}  epochs: {summary['epochs']}  images/s: {summary.get('images_per_s', 0):.0f}")
-    header = f"{'network':<10} {'model':<14} {'last test':>10} {'best-' + split + ' test':>15} {'teacher share':>14}"
-    print(header)
-    models = summary.get("config", {}).get("models", [])
-    for i, entry in enumerate(summary["networks"]):
-        at_best = entry.get("test_at_best_val_top1", entry["best_test_top1_selected_on_test"])
-        print(f"{entry['name']:<10} {models[i] if i < len(models) else '':<14} {entry['last_test_top1']:>10.2f} {at_best:>15.2f} {entry.get('teacher_share', 0):>14.2f}")
-    ens = summary["ensemble"]
-    print(f"{'ensemble':<10} {'':<14} {ens['last_test_top1']:>10.2f} {ens.get('test_at_best_val_top1', ens['best_test_top1_selected_on_test']):>15.2f}")
 
 
 def _cmd_eval(args) -> int:
@@ -184,7 +174,7 @@ def _cmd_predict(args) -> int:
     from .deploy.predict import predict, render, summary_line
 
     result = predict(args.model, args.inputs, args.top_k, args.batch_size, args.workers, args.network,
-                     args.checkpoint, args.precision)
+                     args.checkpoint, args.precision, max_archive_gb=args.cache_max_gb)
     for note in result.notes:
         print(note, file=sys.stderr)
     print(render(result, args.format))

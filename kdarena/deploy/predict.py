@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -26,6 +28,7 @@ from .inputs import batches, gather
 from .load import load_model
 
 FORMATS = ("table", "json", "csv")
+MAX_BATCH_SIZE = 1 << 16
 
 
 @dataclass
@@ -46,19 +49,33 @@ class Predictions:
         return out
 
 
+def _check_batch_size(batch_size: Any, given: bool) -> int:
+    """A batch size of 0 or less once predicted on nothing and reported '0 images' with exit 0."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
+        where = "--batch-size" if given else "the model card's config.data.eval_batch_size"
+        raise PredictError(f"{where} is {batch_size!r}: give a whole number of images from 1 to {MAX_BATCH_SIZE}"
+                           + ("" if given else "; pass --batch-size"))
+    return batch_size
+
+
 def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int | None = None, workers: int = 1,
-            network: str = "best", checkpoint: str = "best", precision: str | None = None, progress: bool = True) -> Predictions:
-    """Predictions for ``inputs``; ``batch_size`` and ``precision`` default to the run's (as ``kdarena eval`` runs)."""
+            network: str = "best", checkpoint: str = "best", precision: str | None = None, progress: bool = True,
+            max_archive_gb: float | None = None) -> Predictions:
+    """Predictions for ``inputs``; ``batch_size`` and ``precision`` default to the run's (as ``kdarena eval`` runs);
+    ``max_archive_gb``: see :func:`kdarena.deploy.inputs.gather`."""
     if top_k < 1:
         raise PredictError(f"--top-k {top_k}: give at least 1")
+    if batch_size is not None:
+        _check_batch_size(batch_size, given=True)
     module, card = load_model(model, network=network, checkpoint=checkpoint)
     train = card["config"].get("train", {}) if isinstance(card.get("config"), dict) else {}
-    batch_size = batch_size or card["config"].get("data", {}).get("eval_batch_size", 512)
+    if batch_size is None:
+        batch_size = _check_batch_size(card["config"].get("data", {}).get("eval_batch_size", 512), given=False)
     channels_last = bool(train.get("channels_last", False))
     precision = precision or train.get("precision", "fp32")
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
-    images = gather(inputs, card["classes"])
+    images = gather(inputs, card["classes"], max_archive_gb)
     if not images.items:
         raise PredictError("no image to predict on among the inputs" + (f" (skipped: {images.skipped[0]})" if images.skipped else ""))
     out = Predictions(card, notes=images.notes)
@@ -87,7 +104,30 @@ def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int |
             bar.update(len(idx))
     bar.close()
     out.skipped = images.skipped
+    if not out.names:  # every image was skipped: nothing was predicted, which is not a success
+        raise PredictError(f"none of the {len(images.items)} image(s) could be decoded (first: {images.skipped[0]}); "
+                           "give image files Pillow can read")
     return out
+
+
+# Characters a terminal acts on (newlines, escape sequences, C1 controls, bidirectional overrides): file and
+# class names come from the user's files and the card, and a name must not rewrite what the table shows.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character shown as an escape (``\\x1b``), never acted on."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+                        str(text))
+
+
+def csv_cell(value: str) -> str:
+    """A cell a spreadsheet shows as text: one starting with ``= + - @`` (or a tab / CR) would be run as a formula."""
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
+def _finite(p: float) -> float | None:
+    return p if math.isfinite(p) else None  # JSON has no NaN: a bare NaN breaks strict readers
 
 
 def render(result: Predictions, fmt: str = "table") -> str:
@@ -96,30 +136,33 @@ def render(result: Predictions, fmt: str = "table") -> str:
     label = lambda y: names[y] if y >= 0 else ""  # noqa: E731
     summary = result.summary()
     if fmt == "json":
-        rows = [{"image": n, "label": label(y) or None, "top": [{"class": names[c], "probability": p} for c, p in top]}
+        rows = [{"image": n, "label": label(y) or None,
+                 "top": [{"class": names[c], "probability": _finite(p)} for c, p in top]}
                 for n, y, top in zip(result.names, result.labels, result.top)]
         return json.dumps({"network": result.card.get("network"), "architecture": result.card["architecture"],
-                           "predictions": rows, "skipped": result.skipped, "summary": summary}, indent=1)
+                           "predictions": rows, "skipped": result.skipped, "summary": summary}, indent=1, allow_nan=False)
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         k = max((len(t) for t in result.top), default=0)
         writer.writerow(["image", "label"] + [f"{what}{r + 1}" for r in range(k) for what in ("class", "probability")])
         for n, y, top in zip(result.names, result.labels, result.top):
-            writer.writerow([n, label(y)] + [v for c, p in top for v in (names[c], f"{p:.6f}")])
+            writer.writerow([csv_cell(v) for v in [n, label(y)] + [v for c, p in top for v in (names[c], f"{p:.6f}")]])
         return buffer.getvalue().rstrip("\n")
-    width = min(max((len(n) for n in result.names), default=5), 60)
+    shown_names = [printable(n) for n in result.names]
+    width = min(max((len(n) for n in shown_names), default=5), 60)
     lines = [f"{'image':<{width}}  {'label':<12}  prediction (probability)"]
-    for n, y, top in zip(result.names, result.labels, result.top):
+    for n, y, top in zip(shown_names, result.labels, result.top):
         shown = n if len(n) <= width else "..." + n[-(width - 3):]
-        lines.append(f"{shown:<{width}}  {label(y):<12}  " + "  ".join(f"{names[c]} {p:.4f}" for c, p in top))
+        lines.append(f"{shown:<{width}}  {printable(label(y)):<12}  "
+                     + "  ".join(f"{printable(names[c])} {p:.4f}" for c, p in top))
     lines.append(summary_line(result))
     return "\n".join(lines)
 
 
 def summary_line(result: Predictions) -> str:
     s = result.summary()
-    what = f"{result.card.get('network')} ({' + '.join(result.card['architecture'])})"
+    what = printable(f"{result.card.get('network')} ({' + '.join(result.card['architecture'])})")
     skipped = f", {s['skipped']} skipped" if s["skipped"] else ""
     if not s["labelled"]:
         return f"{s['images']} images{skipped}; none labelled by a class of the model, so no accuracy; {what}"
