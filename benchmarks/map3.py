@@ -47,6 +47,21 @@ CELLS = {
 }
 
 
+# Part four's ablation (exploration, c10-5k, seeds 0-2): from the paper's `cd` to the authors' `cd-code` one ingredient
+# at a time, and each rule with the perturbation off. `cd` (seeds 0-2) and `cd-code` (seeds 0-1) are phase 1's runs
+# (same recipe; part four's check run shows today's code gives the committed numbers).
+ABLATION = ["cd", "cd-better:method.name=cd;method.rule=better",
+            "cd-better-every10:method.name=cd;method.rule=better;perturb.every=10",
+            "cd-code", "cd-code-noperturb:method.name=cd;method.rule=better;perturb.enabled=false", "cd-noperturb"]
+# (variant, the one it changes, what changed)
+ABLATION_STEPS = [("cd-better", "cd", "rule: best -> better (every better peer teaches)"),
+                  ("cd-better-every10", "cd-better", "perturbation: every step -> every 10th"),
+                  ("cd-code", "cd-better-every10", "op pool: paper -> the authors' code"),
+                  ("cd-code-noperturb", "cd-code", "the authors' rule, perturbation off"),
+                  ("cd-noperturb", "cd", "the paper's rule, perturbation off")]
+ABLATION_OVERRIDES = ["train.precision=bf16"]
+
+
 def phase1_methods(model: str) -> tuple[list[str], list[str]]:
     """(the arena's core and the controls, our candidates): sweep specs, the labels before the colon."""
     references, rest, candidates = phase1_parts(model)
@@ -79,7 +94,7 @@ def network_mean(summary: dict, key: str) -> float | None:
 
 def folder(phase: int | str) -> str:
     """Where a phase's summaries live: ``phase1``, ``phase2`` (part three), ``part4`` (part four's confirmation)."""
-    return "part4" if phase == "p4" else f"phase{phase}"
+    return {"p4": "part4", "ablation": "ablation"}.get(phase, f"phase{phase}")  # type: ignore[arg-type]
 
 
 def load_results(cell: str, phase: int | str) -> dict[str, dict[int, dict]]:
@@ -88,6 +103,14 @@ def load_results(cell: str, phase: int | str) -> dict[str, dict[int, dict]]:
     for path in sorted((RESULTS / cell / folder(phase)).glob("*-seed*.json")):
         name, seed = path.stem.rsplit("-seed", 1)
         found.setdefault(name, {})[int(seed)] = json.loads(path.read_text())
+    return found
+
+
+def ablation_results(cell: str) -> dict[str, dict[int, dict]]:
+    """The ablation's runs: its own, and phase 1's runs of the variants phase 1 already trained."""
+    found = {name: dict(by_seed) for name, by_seed in load_results(cell, 1).items() if name in map(label, ABLATION)}
+    for name, by_seed in load_results(cell, "ablation").items():
+        found.setdefault(name, {}).update(by_seed)
     return found
 
 
@@ -301,7 +324,34 @@ def part4_tables() -> list[str]:
         runs.update(new)
         seeds = cell_plan["seeds"]
         lines += phase2_table(cell, cell_plan, runs, f"### {cell}, part four (confirmatory, seeds {seeds[0]}-{seeds[-1]})")
+        lines += ablation_table(cell)
     return lines
+
+
+def ablation_table(cell: str) -> list[str]:
+    """Part four's ablation: each variant over seeds 0-2, then each step's paired difference (plain 95 % intervals:
+    exploration, no verdicts)."""
+    runs = ablation_results(cell)
+    if not any(name != "cd" and name != "cd-code" for name in runs) and len(runs.get("cd-code", {})) < 3:
+        return []
+    lines = [f"### {cell}: ablation, from the paper's rule to the authors' (exploration, seeds 0-2)", "",
+             "| variant | seeds | last val | last test | last train | train − test |", "|---|---:|---:|---:|---:|---:|"]
+    for name in map(label, ABLATION):
+        by_seed = runs.get(name, {})
+        train = [network_mean(s, "last_train_top1") for s in by_seed.values()]
+        test = [network_mean(s, "last_test_top1") for s in by_seed.values()]
+        lines.append(f"| {name} | {len(by_seed)} | {pm([network_mean(s, 'last_val_top1') for s in by_seed.values()])} | "
+                     f"{pm(test)} | {pm(train)} | {pm([a - b for a, b in zip(train, test) if a is not None and b is not None])} |")
+    lines += ["", "Each step, paired by seed (mean over networks; plain 95 % t-intervals over the seeds both have):", "",
+              "| step | what changed | seeds | last val | last test |", "|---|---|---:|---:|---:|"]
+    for variant, base, what in ABLATION_STEPS:
+        cells = []
+        for key in ("last_val_top1", "last_test_top1"):
+            read = lambda name: {s: v for s, v in ((s, network_mean(x, key)) for s, x in runs.get(name, {}).items())  # noqa: E731
+                                 if v is not None}
+            cells.append(paired_difference(read(variant), read(base)))
+        lines.append(f"| {variant} − {base} | {what} | {cells[0].n} | {cells[0].text()} | {cells[1].text()} |")
+    return lines + [""]
 
 
 # ----------------------------------------------------------------------------- running
@@ -310,7 +360,7 @@ def missing_grids(cell: str, phase: int, specs: list[str], seeds: list[int]) -> 
     committed yet. The committed results, not a run folder, say what is done: on a new machine (``--out`` empty)
     the study goes on where the repository stands instead of training finished runs again. Specs missing the same
     seeds share one sweep, so ``--jobs`` runs them side by side."""
-    committed = load_results(cell, phase)
+    committed = ablation_results(cell) if phase == "ablation" else load_results(cell, phase)
     by_seeds: dict[tuple[int, ...], list[str]] = {}
     for spec in specs:
         missing = tuple(s for s in seeds if s not in committed.get(label(spec), {}))
@@ -326,6 +376,9 @@ def run(cell: str, phase: int, archive: str, out: Path, jobs: int, commit: bool,
     if phase == 1:
         references, rest, candidates = phase1_parts(model)
         batches, phase_seeds = [references + candidates, rest], [0, 1, 2]
+    elif phase == "ablation":
+        overrides = overrides + ABLATION_OVERRIDES
+        batches, phase_seeds = [ABLATION], [0, 1, 2]
     elif phase == "p4":
         plan = part4_plan()
         if plan is None or cell not in plan:
@@ -366,8 +419,9 @@ def main() -> None:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run")
     r.add_argument("--cell", choices=sorted(CELLS), required=True)
-    r.add_argument("--phase", type=lambda v: v if v == "p4" else int(v), choices=[1, 2, "p4"], required=True,
-                   help="1, 2 (part three) or p4 (part four's confirmation, benchmarks/preregistration.md)")
+    r.add_argument("--phase", type=lambda v: v if v in ("p4", "ablation") else int(v), choices=[1, 2, "p4", "ablation"],
+                   required=True, help="1, 2 (part three), p4 (part four's confirmation, benchmarks/preregistration.md) "
+                                       "or ablation (part four's, c10-5k: from cd to cd-code one ingredient at a time)")
     r.add_argument("--cifar10", help="cifar10-jpeg.tar.gz (or a folder of train/ test/ class folders)")
     r.add_argument("--tiny-imagenet", help="tiny-imagenet-32.tar.gz")
     r.add_argument("--out", default="runs/map3")

@@ -107,3 +107,53 @@ def test_only_runs_without_a_committed_summary_are_planned(map3):
     assert map3.missing_grids("c10-5k", 1, specs, [0, 1, 2]) == [
         (["kdcl", "one:method.name=one;perturb.enabled=false"], "2"), (["pcl"], "0,1,2")]
     assert map3.missing_grids("c10-5k", 1, ["independent"], [0, 1, 2]) == []
+
+
+PART4 = """```json
+{"cells": {"c10-5k": {"methods": ["ours", "independent"], "seeds": [100, 101], "comparisons": [["ours", "independent"]]}}}
+```
+
+```json
+{"part4": {"c10-5k": {"methods": ["new"], "check": ["old-rerun:method.name=dml", 100, "old"], "overrides": [],
+                      "references": ["old"], "seeds": [100, 101], "comparisons": [["new", "old"]]}}}
+```
+"""
+
+
+def _write_to(map3, cell: str, folder: str, label: str, seed: int, summary: dict) -> None:
+    path = map3.RESULTS / cell / folder / f"{label}-seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary))
+
+
+def test_part4_pairs_new_methods_with_committed_references_and_checks_the_rerun(map3):
+    map3.PREREGISTRATION.write_text(PART4)
+    assert map3.preregistered()["cells"]["c10-5k"]["methods"] == ["ours", "independent"]  # part three's block unchanged
+    for seed, (new, old) in {100: (70.0, 68.0), 101: (71.0, 68.5)}.items():
+        _write(map3, "c10-5k", 2, "old", seed, _summary(val=old, test=old))
+        _write_to(map3, "c10-5k", "part4", "new", seed, _summary(val=new, test=new))
+    _write_to(map3, "c10-5k", "part4", "old-rerun", 100, _summary(val=68.0, test=68.0))
+    text = "\n".join(map3.part4_tables())
+    assert "**identical**" in text
+    assert "| new − old | 2 | +2.25 |" in text  # (2.0 + 2.5) / 2, paired by seed
+    assert "| old-rerun |" not in text  # the check run is no method of the comparison
+    _write_to(map3, "c10-5k", "part4", "old-rerun", 100, _summary(val=68.0, test=68.01))
+    assert "**different**" in "\n".join(map3.part4_tables())
+
+
+def test_ablation_reuses_phase1_runs_and_plans_only_the_missing_ones(map3):
+    for seed in (0, 1, 2):
+        _write(map3, "c10-5k", 1, "cd", seed, _summary(val=60.0, test=60.0 + seed))
+    for seed in (0, 1):
+        _write(map3, "c10-5k", 1, "cd-code", seed, _summary(val=62.0, test=62.0))
+    _write(map3, "c10-5k", 1, "dml", 0, _summary(val=61.0, test=61.0))  # not an ablation variant
+    for seed in (0, 1, 2):
+        _write_to(map3, "c10-5k", "ablation", "cd-better", seed, _summary(val=61.0, test=61.0 + 2 * seed))
+    runs = map3.ablation_results("c10-5k")
+    assert set(runs) == {"cd", "cd-code", "cd-better"} and sorted(runs["cd-code"]) == [0, 1]
+    grids = dict((tuple(map(map3.label, specs)), seeds)
+                 for specs, seeds in map3.missing_grids("c10-5k", "ablation", map3.ABLATION, [0, 1, 2]))
+    assert grids == {("cd-better-every10", "cd-code-noperturb", "cd-noperturb"): "0,1,2", ("cd-code",): "2"}
+    text = "\n".join(map3.ablation_table("c10-5k"))
+    # cd-better − cd on test: differences 1, 2, 3 -> mean 2, t-interval 2 +- 4.303 * 1/sqrt(3)
+    assert "| cd-better − cd | rule: best -> better (every better peer teaches) | 3 | +1.00 [+1.00, +1.00] | +2.00 [-0.48, +4.48] |" in text
