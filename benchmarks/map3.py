@@ -324,8 +324,21 @@ def part4_tables() -> list[str]:
         runs.update(new)
         seeds = cell_plan["seeds"]
         lines += phase2_table(cell, cell_plan, runs, f"### {cell}, part four (confirmatory, seeds {seeds[0]}-{seeds[-1]})")
-        lines += ablation_table(cell)
+        lines += machines_line(new) + ablation_table(cell)
     return lines
+
+
+def machines_line(runs: dict[str, dict[int, dict]]) -> list[str]:
+    """What the runs ran on (precision, device model, torch), counted: a study that mixed machines shows it."""
+    seen: dict[str, int] = {}
+    for by_seed in runs.values():
+        for summary in by_seed.values():
+            key = f"{summary.get('precision', '?')} on {summary.get('device_model', '?')}, torch {summary.get('torch', '?')}"
+            seen[key] = seen.get(key, 0) + 1
+    if not seen:
+        return []
+    return ["Ran on: " + "; ".join(f"{key} ({count} run{'s' if count > 1 else ''})" for key, count in seen.items())
+            + (" -- **more than one machine or precision**" if len(seen) > 1 else ""), ""]
 
 
 def ablation_table(cell: str) -> list[str]:
