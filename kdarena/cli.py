@@ -1,4 +1,4 @@
-"""Command line: ``kdarena train | eval | export | predict | models | methods | sweep | report | plot | data``.
+"""Command line: ``kdarena train | eval | export | predict | models | methods | sweep | tune | confirm | report | plot | data``.
 
 Bad input exits with status 2 and a one-line message; ``--debug`` shows the traceback.
 """
@@ -77,14 +77,32 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", help="key=value overrides for every run, e.g. optim.epochs=30")
     sweep.add_argument("--methods", default="independent,dml,cd", help="comma-separated; a name may carry overrides: cd:perturb.every=10")
     sweep.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, each run with every method (default 0,1,2)")
-    sweep.add_argument("--jobs", type=int, default=1, help="runs trained at once in separate processes (each gets cores/jobs threads "
-                       "unless train.threads is set); several small runs fill a GPU")
     sweep.add_argument("--out", help="experiment directory (default: OUTPUT/NAME-sweep); with --engine ray a folder every node sees")
-    sweep.add_argument("--engine", choices=["local", "ray"], default="local",
-                       help="where the runs train: local (this machine, --jobs at once) or ray (a Ray cluster; pip install 'kdarena[ray]')")
-    sweep.add_argument("--address", help="--engine ray: the cluster to join (auto, HOST:PORT, ray://HOST:10001); default: Ray embedded here")
-    sweep.add_argument("--gpus-per-run", type=float, help="--engine ray: GPUs each run asks for (0.25: four runs share a GPU); default 1 for a CUDA run")
-    sweep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    _engine_options(sweep)
+
+    tune = sub.add_parser("tune", help="tune each method on validation with the same budget (Optuna); writes a plan to confirm")
+    tune.add_argument("config", help="YAML config every trial starts from (it must hold a validation split: data.val_size > 0)")
+    tune.add_argument("overrides", nargs="*", help="key=value overrides for every trial, e.g. data.val_size=0.1")
+    tune.add_argument("--methods", required=True, help="comma-separated methods, each tuned in its own study; a name may carry overrides")
+    tune.add_argument("--space", action="append", required=True, metavar="KEY=DIST",
+                      help="a method.* or optim.* key and its range: choice(1,4), uniform(0.1,0.9), loguniform(0.01,0.2), int(1,8); repeatable")
+    tune.add_argument("--trials", type=int, required=True, help="trials per method (the same for every method)")
+    tune.add_argument("--epochs", type=int, help="epochs of every trial (default: the config's optim.epochs)")
+    tune.add_argument("--objective", choices=["last", "best"], default="last",
+                      help="a trial's value: validation top-1 of its last epoch (default) or of its best epoch")
+    tune.add_argument("--pruner", choices=["median", "halving", "none"], default="median",
+                      help="stop hopeless trials on their per-epoch validation top-1: median (default), halving (successive halving), none")
+    tune.add_argument("--seed", type=int, help="the samplers' seed (default: the config's seed)")
+    tune.add_argument("--at-once", type=int, help="trials of each method trained at the same time (default: --jobs / methods, at least 1)")
+    tune.add_argument("--out", required=True, help="the tuning folder: studies, trials, table, plots, plan.yaml; the same command continues it")
+    _engine_options(tune)
+
+    confirm = sub.add_parser("confirm", help="run a tuned plan on fresh seeds; paired differences with corrected intervals")
+    confirm.add_argument("plan", help="a plan from kdarena tune (DIR/plan.yaml); frozen by its sha256 while it is confirmed")
+    confirm.add_argument("--seeds", required=True, help="fresh seeds, none used in tuning: 100-109, or 0,1,2")
+    confirm.add_argument("--baseline", help="a method of the plan every other one is compared with (default: every pair)")
+    confirm.add_argument("--out", help="where the runs and confirm.md go (default: confirm/ beside the plan)")
+    _engine_options(confirm)
 
     report = sub.add_parser("report", help="tables of mean +- std over seeds from experiment directories")
     report.add_argument("dirs", nargs="+", help="experiment directories (from kdarena sweep) or folders of runs")
@@ -117,6 +135,17 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("--all", action="store_true", help="with --prune: remove every entry")
     cache.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
+
+
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    """Where the runs of a sweep, a tuning or a confirmation train (kdarena.experiments.sweep.make_engine)."""
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once in separate processes (each gets cores/jobs threads "
+                        "unless train.threads is set); several small runs fill a GPU")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="where the runs train: local (this machine, --jobs at once) or ray (a Ray cluster; pip install 'kdarena[ray]')")
+    parser.add_argument("--address", help="--engine ray: the cluster to join (auto, HOST:PORT, ray://HOST:10001); default: Ray embedded here")
+    parser.add_argument("--gpus-per-run", type=float, help="--engine ray: GPUs each run asks for (0.25: four runs share a GPU); default 1 for a CUDA run")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
 
 def _cmd_train(args) -> int:
@@ -220,6 +249,25 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    from .experiments.tune import import_optuna, tune
+
+    optuna = import_optuna()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # kdarena prints one line a trial
+    print(tune(args.config, args.overrides, args.methods, args.space, args.trials, args.out, epochs=args.epochs,
+               objective=args.objective, pruner=args.pruner, seed=args.seed, jobs=args.jobs, engine=args.engine,
+               address=args.address, gpus_per_run=args.gpus_per_run, at_once=args.at_once))
+    return 0
+
+
+def _cmd_confirm(args) -> int:
+    from .experiments.confirm import confirm
+
+    print(confirm(args.plan, args.seeds, args.baseline, args.out, jobs=args.jobs, engine=args.engine, address=args.address,
+                  gpus_per_run=args.gpus_per_run))
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .experiments.report import write_report
 
@@ -253,7 +301,7 @@ def _cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "predict": _cmd_predict, "models": _cmd_models, "methods": _cmd_methods, "sweep": _cmd_sweep, "report": _cmd_report, "plot": _cmd_plot, "data": _cmd_data}
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "predict": _cmd_predict, "models": _cmd_models, "methods": _cmd_methods, "sweep": _cmd_sweep, "tune": _cmd_tune, "confirm": _cmd_confirm, "report": _cmd_report, "plot": _cmd_plot, "data": _cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

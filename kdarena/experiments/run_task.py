@@ -17,6 +17,13 @@ from .. import config as cfg
 
 log = logging.getLogger("kdarena")
 
+#: A file another process (the tuner, :mod:`.tune`) writes into a run folder to stop that run early: the run
+#: checkpoints after its step in progress and returns ``stopped_early`` (a hook any engine carries, since every
+#: engine's runs see their own folder)
+STOP_EARLY_FILE = "stop-early"
+#: seconds between a run's looks for that file
+STOP_EARLY_POLL_S = 0.2
+
 
 def next_action(run_dir: Path) -> str:
     """How an unfinished run starts now: ``resumed`` from its last checkpoint, ``restarted`` (a folder holding
@@ -35,9 +42,10 @@ def error_text(error: BaseException) -> str:
 def execute_run(config: dict[str, Any], run_dir: str, stop_requested: threading.Event | None = None) -> dict[str, Any]:
     """Train one run; returns its outcome as plain data, which crosses process and node boundaries
     (exceptions, with their tracebacks and types, do not always): exactly one of ``summary``, ``error``
-    (the run failed by itself: a bad config, a non-finite stop) or ``interrupted`` (SIGINT/SIGTERM or
-    ``stop_requested``; the run checkpointed first), and ``action`` (resumed/restarted/trained), ``seconds``
-    (wall time), ``node``."""
+    (the run failed by itself: a bad config, a non-finite stop), ``interrupted`` (SIGINT/SIGTERM or
+    ``stop_requested``; the run checkpointed first) or ``stopped_early`` (:data:`STOP_EARLY_FILE` appeared
+    in the run folder; checkpointed too), and ``action`` (resumed/restarted/trained), ``seconds`` (wall
+    time), ``node``."""
     from ..trainer import Interrupted, train
 
     path = Path(run_dir)
@@ -47,12 +55,26 @@ def execute_run(config: dict[str, Any], run_dir: str, stop_requested: threading.
         return {**outcome, "interrupted": "the sweep was interrupted before this run started", "seconds": 0.0}
     log.info("%s: %s -> %s", path.name, "resuming" if action == "resumed" else "starting", path)
     start = time.perf_counter()
+    stop = stop_requested if stop_requested is not None else threading.Event()
+    finished = threading.Event()
+    watcher = threading.Thread(target=_stop_on_file, args=(path / STOP_EARLY_FILE, stop, finished), daemon=True)
+    watcher.start()
     try:
         outcome["summary"] = train(cfg.validate(config), run_dir=path, resume=action == "resumed", force=action == "restarted",
-                                   stop_requested=stop_requested)
-    except Interrupted as stop:
-        outcome["interrupted"] = str(stop)
+                                   stop_requested=stop)
+    except Interrupted as stopped:
+        outcome["stopped_early" if (path / STOP_EARLY_FILE).is_file() else "interrupted"] = str(stopped)
     except Exception as error:  # one failed run must not cost the others
         outcome["error"] = error_text(error)
+    finally:
+        finished.set()
+        watcher.join()
     outcome["seconds"] = time.perf_counter() - start
     return outcome
+
+
+def _stop_on_file(path: Path, stop: threading.Event, finished: threading.Event) -> None:
+    while not finished.wait(STOP_EARLY_POLL_S):
+        if path.is_file():
+            stop.set()
+            return
