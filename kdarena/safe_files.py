@@ -14,8 +14,8 @@ run as root with ``--out /dev/null`` once replaced the machine's ``/dev/null``).
 file and what to do, as a :class:`SafeFileError`.
 
 API: :func:`read_bytes`, :func:`read_text`, :func:`open_regular` (to stream a regular file),
-:func:`write_atomic`, and :func:`atomic_path` (a temporary path to hand to a writer that wants
-a file name, renamed over the target when the block ends without an error).
+:func:`write_atomic`, and :func:`atomic_path` / :func:`atomic_paths` (temporary paths to hand to
+a writer that wants file names, renamed over the targets when the block ends without an error).
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ _WRITE_FIXES = {
     errno.ENOENT: "its folder does not exist; create it or choose another",
     errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
     errno.EISDIR: "it is a folder; give a file name",
+    errno.EEXIST: "a file stands where a folder is needed; choose another path",
 }
 
 
@@ -160,34 +161,56 @@ def _fsync_folder(folder: Path) -> None:
 
 
 @contextlib.contextmanager
+def atomic_paths(*paths: PathLike) -> Iterator[list[str]]:
+    """Temporary paths beside ``paths`` for writers that want names. When the block ends without an
+    error, all are fsynced, then renamed over ``paths`` (a file and the cards that describe it are
+    all replaced or none is, a rename aside); on an error every temporary file is removed."""
+    targets = [_writable_target(path) for path in paths]
+    temps: list[str] = []
+    try:
+        for path, target in zip(paths, targets):
+            try:
+                fd, temp = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=f".{os.getpid()}.tmp", dir=target.parent)
+            except OSError as error:
+                raise write_failed(path, error) from None
+            os.close(fd)
+            temps.append(temp)
+        yield list(temps)
+        for path, target, temp in zip(paths, targets, temps):
+            _writable_target(path)  # still not swapped for a device or FIFO while it was written
+            try:
+                os.chmod(temp, _mode_for(target))
+                fd = os.open(temp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as error:
+                raise write_failed(path, error) from None
+        for path, target, temp in zip(paths, targets, temps):
+            try:
+                os.replace(temp, target)
+            except OSError as error:
+                raise write_failed(path, error) from None
+        for folder in {target.parent for target in targets}:
+            _fsync_folder(folder)
+    finally:
+        for temp in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+
+
+@contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[str]:
     """A temporary path beside ``path`` for a writer that wants a name; when the block ends without an
-    error it is fsynced and renamed over ``path``; otherwise (or on any OS error) it is removed."""
-    target = _writable_target(path)
-    try:
-        fd, temp = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=f".{os.getpid()}.tmp", dir=target.parent)
-        os.close(fd)
-    except OSError as error:
-        raise write_failed(path, error) from None
-    try:
+    error it is fsynced and renamed over ``path``; otherwise it is removed. See :func:`atomic_paths`."""
+    with atomic_paths(path) as (temp,):
         try:
             yield temp
-            _writable_target(path)  # still not swapped for a device or FIFO while it was written
-            os.chmod(temp, _mode_for(target))
-            fd = os.open(temp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, target)
         except SafeFileError:
             raise
-        except OSError as error:
+        except OSError as error:  # the caller's write into the temporary file
             raise write_failed(path, error) from None
-        _fsync_folder(target.parent)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
 
 
 def write_atomic(path: PathLike, data: bytes | str) -> None:

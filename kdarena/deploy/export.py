@@ -11,19 +11,22 @@ Formats:
   dynamic batch dimension, input ``input``, output ``output``, weights inside the file.
 
 Every exported file is read back once (ONNX: with onnxruntime, when installed) and run on a seeded
-random batch: its outputs must match the module's within 1e-4, or the export is refused. Writes go to temporary files in the target folder,
-then the file and its two cards are renamed into place: an error or a full disk leaves nothing
-half-written (and an older export untouched).
+random batch: its outputs must match the module's within 1e-4, or the export is refused. The file and
+its two cards are written by :mod:`kdarena.safe_files` (temporary files in the target folder, renamed
+into place once all three are written): an error or a full disk leaves nothing half-written, an
+older export untouched, and a device node or FIFO named by ``--out`` in place. A file of the run
+folder itself is never replaced.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import io
 import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..safe_files import SafeFileError, atomic_paths, write_failed
 from .card import build_card, card_paths, markdown, preprocessing, sha256_of
 from .errors import ExportError
 from .source import open_run
@@ -44,12 +48,12 @@ def _missing(package: str) -> ExportError:
     return ExportError(f"--format needs {package}: pip install 'kdarena[export]'")
 
 
-def _write_safetensors(module: nn.Module, example: Tensor, path: str) -> None:
+def _safetensors_bytes(module: nn.Module, example: Tensor) -> bytes:
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
     except ImportError:
         raise _missing("safetensors") from None
-    save_file({k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}, path, metadata={"format": "pt"})
+    return save({k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}, metadata={"format": "pt"})
 
 
 @contextlib.contextmanager
@@ -60,9 +64,12 @@ def _torchscript():
         yield
 
 
-def _write_torchscript(module: nn.Module, example: Tensor, path: str) -> None:
+def _torchscript_bytes(module: nn.Module, example: Tensor) -> bytes:
+    # Into memory, never a file: torch.jit.save's own writer aborts the process on a full disk (exit 134).
+    buffer = io.BytesIO()
     with torch.no_grad(), _torchscript():
-        torch.jit.save(torch.jit.trace(module, example), path)
+        torch.jit.save(torch.jit.trace(module, example), buffer)
+    return buffer.getvalue()
 
 
 @contextlib.contextmanager
@@ -81,19 +88,21 @@ def _quiet_onnx():
             logger.setLevel(level)
 
 
-def _write_onnx(module: nn.Module, example: Tensor, path: str) -> None:
+def _onnx_bytes(module: nn.Module, example: Tensor) -> bytes:
     try:
         import onnx  # noqa: F401  (the exporter needs both)
         import onnxscript  # noqa: F401
     except ImportError:
         raise _missing("onnx and onnxscript") from None
     with _quiet_onnx():
-        torch.onnx.export(module, (example,), path, dynamo=True, input_names=["input"], output_names=["output"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
+        program = torch.onnx.export(module, (example,), dynamo=True, input_names=["input"], output_names=["output"],
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    return program.model_proto.SerializeToString()  # weights inside the file (no external data)
 
 
-WRITERS: dict[str, Callable[[nn.Module, Tensor, str], None]] = {
-    "safetensors": _write_safetensors, "torchscript": _write_torchscript, "onnx": _write_onnx}
+# Each exporter gives the file's bytes: exporting and writing fail apart (a full disk is not "try another --format").
+EXPORTERS: dict[str, Callable[[nn.Module, Tensor], bytes]] = {
+    "safetensors": _safetensors_bytes, "torchscript": _torchscript_bytes, "onnx": _onnx_bytes}
 
 
 def run_exported(fmt: str, path: str, x: Tensor, module: nn.Module | None = None) -> Tensor | None:
@@ -126,58 +135,60 @@ def _format_of(out: Path, fmt: str | None) -> str:
     return found
 
 
-def _temporary(folder: Path, name: str) -> str:
-    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+def _refuse_run_files(run_dir: Path, out: Path) -> None:
+    """``out`` and its cards must not replace a file of the run (``--out RUN/checkpoints/last.pt`` once overwrote
+    the resume checkpoint); an earlier export into the run folder (its card beside it) may be replaced."""
+    root = Path(os.path.realpath(run_dir))
+    earlier_export = card_paths(out)[0].is_file()
+    for path in (out, *card_paths(out)):
+        target = Path(os.path.realpath(path))
+        if target.is_relative_to(root) and target.exists() and (not earlier_export or "checkpoints" in target.relative_to(root).parts):
+            raise ExportError(f"--out {out} would replace {target}, a file of the run {run_dir}; give a new file name "
+                              "(outside the run folder, or one that is not a run file)")
 
 
 def export_run(run_dir: str | Path, out: str | Path, network: str = "best", checkpoint: str = "best",
                fmt: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Export ``run_dir``'s network to ``out`` with its model card; returns the card."""
     out = Path(out)
-    if out.is_dir():
-        raise ExportError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.safetensors'}")
-    fmt = _format_of(out, fmt)
-    selected = open_run(run_dir, checkpoint, network, overrides)
-    if out.resolve() == selected.checkpoint.resolve():
-        raise ExportError(f"--out {out} is the checkpoint being exported; give another file name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.randn(2, *_input_shape(selected), generator=torch.Generator().manual_seed(0))
-    temps = [_temporary(out.parent, out.name + suffix) for suffix in ("", ".card.json", ".card.md")]
     try:
+        if out.is_dir():
+            raise ExportError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.safetensors'}")
+        fmt = _format_of(out, fmt)
+        selected = open_run(run_dir, checkpoint, network, overrides)
+        if out.resolve() == selected.checkpoint.resolve():
+            raise ExportError(f"--out {out} is the checkpoint being exported; give another file name")
+        _refuse_run_files(Path(run_dir), out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a name too long, a read-only or missing folder: one line
+        if isinstance(error, SafeFileError):
+            raise
+        raise write_failed(error.filename or out, error) from None
+    example = torch.randn(2, *_input_shape(selected), generator=torch.Generator().manual_seed(0))
+    model_card, summary_card = card_paths(out)
+    with atomic_paths(out, model_card, summary_card) as (model_temp, card_temp, summary_temp):
         try:
-            WRITERS[fmt](selected.module, example, temps[0])
+            data = EXPORTERS[fmt](selected.module, example)
         except ExportError:
             raise
         except Exception as error:  # the exporter cannot take this model (an op, a control flow, a size)
             raise ExportError(f"{selected.network} ({' + '.join(selected.architecture)}) cannot be exported as {fmt}: "
                               f"{_reason(error)}; try another --format") from None
-        _check_outputs(fmt, temps[0], selected.module, example)
-        card = build_card(selected, fmt, out, sha256_of(temps[0]), sha256_of(selected.checkpoint), Path(run_dir))
-        _write_text(temps[1], json.dumps(card, indent=2) + "\n")
-        _write_text(temps[2], markdown(card))
-        mode = 0o666 & ~_umask()  # what a plain open() would give (mkstemp makes 0600)
-        for temp, final in zip(temps, (out, *card_paths(out))):
-            os.chmod(temp, mode)
-            os.replace(temp, final)
-    finally:
-        for temp in temps:
-            Path(temp).unlink(missing_ok=True)
+        _write(model_temp, data, out)
+        _check_outputs(fmt, model_temp, selected.module, example)
+        card = build_card(selected, fmt, out, hashlib.sha256(data).hexdigest(), sha256_of(selected.checkpoint), Path(run_dir))
+        _write(card_temp, (json.dumps(card, indent=2) + "\n").encode(), model_card)
+        _write(summary_temp, markdown(card).encode(), summary_card)
     return card
+
+
+def _write(temp: str, data: bytes, final: Path) -> None:
+    """``data`` into ``temp``; an OS error names ``final``, the file the user asked for."""
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+    except OSError as error:
+        raise write_failed(final, error) from None
 
 
 def _reason(error: BaseException) -> str:
