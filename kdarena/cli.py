@@ -159,7 +159,7 @@ def _cmd_train(args) -> int:
         if args.config and "=" not in args.config and Path(args.config).resolve() != base.resolve():
             logging.getLogger("kdarena").info("resuming with the run's own config.yaml; %s is not used", args.config)
         if not base.is_file():
-            from .runs.folder import RunDirError
+            from .records.folder import RunDirError
 
             raise RunDirError(f"cannot resume: {run_dir} holds no run (no config.yaml)")
         config = cfg.load(base, overrides)
@@ -174,7 +174,7 @@ def _cmd_train(args) -> int:
         print(f"kdarena: {stop}", file=sys.stderr)
         return 130
     if summary.get("networks"):
-        from .runs.summary import Summary
+        from .records.summary import Summary
 
         print(Summary.model_validate(summary).table())
     return 0

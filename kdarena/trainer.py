@@ -30,18 +30,20 @@ from .engine.device_skip import DeviceSkip
 from .engine.evaluate import autocast_context, epoch_line, evaluate_splits, resolve_precision
 from .engine.loop_state import LoopState
 from .engine.recovery import NonFiniteLossError, NonFinitePolicy
-from .engine.runlog import MetricsLog, atomic_write_text, install_stop_handlers, prepare, read_metrics, write_json
-from .engine.stats import summarize
+from .engine.stop_signals import install_stop_handlers
 from .engine.step_values import Packed, PendingValues, StepContext, StepValues, pack
 from .losses import cross_entropy
 from .group import Group
 from .methods import GroupLosses, GroupMethod, StepInput
 from .perturb import GroupBatchNormSnapshot, Perturbation, frozen_bn_stats
+from .records.epoch import accuracy_key, selection_split
+from .records.folder import MetricsLog, atomic_write_text, config_path, prepare, read_metrics, summary_path, write_json
+from .records.summary import summarize
 from .version import __version__
 
 log = logging.getLogger("kdarena")
 
-__all__ = ["Interrupted", "NonFiniteLossError", "Trainer", "summarize", "train"]
+__all__ = ["Interrupted", "NonFiniteLossError", "Trainer", "train"]
 
 
 class Interrupted(Exception):
@@ -93,7 +95,7 @@ class Trainer:
                 if self.is_main:
                     resuming.record_resume(self.run_dir, self.loop.global_step, self._resume_changes)
             if self.is_main:
-                atomic_write_text(self.run_dir / "config.yaml", dump(config))  # a kill mid-write must not break --resume
+                atomic_write_text(config_path(self.run_dir), dump(config))  # a kill mid-write must not break --resume
             self.metrics = MetricsLog(self.run_dir, config.train.tensorboard, resume_epoch=self.loop.epoch if resume else None) if self.is_main else None
         except BaseException:
             self.release_run_dir()
@@ -339,10 +341,10 @@ class Trainer:
         improved = False
         if (loop.epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
             record.update(evaluate_splits(self.group, self.method.eval_networks(), self.data, self.device, self.precision))
-            split = "val" if self.data.val is not None else "test"
+            scores = [record[accuracy_key(f"net{i}", selection_split(record))] for i in range(self.n)]
             for i in range(self.n):
-                loop.best_val[i] = max(loop.best_val[i], record[f"net{i}/{split}_top1"])
-            best_now = max(record[f"net{i}/{split}_top1"] for i in range(self.n))
+                loop.best_val[i] = max(loop.best_val[i], scores[i])
+            best_now = max(scores)
             if best_now > loop.best_val_any:
                 loop.best_val_any, improved = best_now, True
         loop.history_seconds += elapsed
@@ -364,15 +366,15 @@ class Trainer:
                 "val_images": count(data.val), "test_images": count(data.test)}
 
     def finish(self) -> dict[str, Any]:
-        summary = summarize(read_metrics(self.run_dir), self.n) if self.is_main else {}
-        if self.is_main:
-            # what it ran on: a study must not mix bf16 and fp32 runs, or machines, unknowingly
-            summary.update({"run_dir": str(self.run_dir), "config": to_dict(self.config), "version": __version__,
-                            "world_size": self.info.world_size, "precision": self.precision,
-                            "device": self.device.type, "device_model": dist_utils.device_model(self.device),
-                            "torch": torch.__version__, "data": self.data_counts()})
-            write_json(self.run_dir / "summary.json", summary)
-            self.metrics.close()
+        if not self.is_main:
+            return {}
+        # what it ran on: a study must not mix bf16 and fp32 runs, or machines, unknowingly
+        summary = summarize(read_metrics(self.run_dir), self.n, run_dir=str(self.run_dir), config=to_dict(self.config),
+                            version=__version__, world_size=self.info.world_size, precision=self.precision,
+                            device=self.device.type, device_model=dist_utils.device_model(self.device),
+                            torch=torch.__version__, data=self.data_counts()).as_written()
+        write_json(summary_path(self.run_dir), summary)
+        self.metrics.close()
         return summary
 
 

@@ -12,7 +12,7 @@ import yaml
 import kdarena
 from kdarena.cli import main
 from kdarena.config import load
-from kdarena.engine.runlog import read_metrics
+from kdarena.records.folder import read_metrics
 from kdarena.errors import ConfigError
 from kdarena.methods import registry
 from kdarena.models.heads import heads_of

@@ -9,7 +9,7 @@ import torch
 import kdarena
 from kdarena.config import load
 from kdarena.engine import checkpoint as ckpt
-from kdarena.engine.runlog import read_metrics
+from kdarena.records.folder import read_metrics
 from kdarena.experiments.report import write_report
 from kdarena.experiments.sweep import presets, run_sweep
 from kdarena.trainer import Trainer

@@ -10,7 +10,7 @@ from torch import nn
 
 import kdarena
 from kdarena.config import load
-from kdarena.engine.runlog import read_metrics
+from kdarena.records.folder import read_metrics
 from kdarena.methods import MethodContext, StepInput
 from kdarena.methods.cd_mean import CompetitiveMeanTeachers
 from kdarena.methods.registry import presets

@@ -28,7 +28,7 @@ from kdarena.engine import checkpoint as ckpt
 from kdarena.engine.build import build_data_and_group
 from kdarena.engine.distributed import DistInfo
 from kdarena.engine.evaluation_cli import evaluate_checkpoint
-from kdarena.engine.runlog import read_metrics
+from kdarena.records.folder import read_metrics
 from kdarena.methods import Needs
 
 Image = pytest.importorskip("PIL.Image")

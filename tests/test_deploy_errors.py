@@ -207,4 +207,4 @@ def test_an_outsized_card_is_refused_unread(run, tmp_path, capsys):
     card_path.write_text(json.dumps(card))
     capsys.readouterr()
     assert main(["predict", str(weights), str(run.parent / "data")]) == 2
-    error_line(capsys, "more than the", "it is not read")
+    error_line(capsys, "over kdarena's limit", "it is not a file kdarena wrote")

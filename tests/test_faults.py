@@ -41,7 +41,7 @@ from kdarena import config as cfg
 from kdarena.cli import main
 from kdarena.models import available, register
 from kdarena.models.convnet import ConvNet
-from kdarena.engine.runlog import read_metrics
+from kdarena.records.folder import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

@@ -22,7 +22,7 @@ import yaml
 
 from kdarena import config as cfg
 from kdarena.engine import checkpoint as ckpt
-from kdarena.engine.runlog import read_metrics
+from kdarena.records.folder import read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_faults import (  # noqa: E402  (registers the faultnet model; _isolate is an autouse fixture)
@@ -120,7 +120,7 @@ def test_second_run_on_a_busy_run_directory_names_the_holder(tmp_path, capsys):
 
 
 def test_two_trainers_in_one_process_cannot_share_a_run_directory(tmp_path):
-    from kdarena.engine.runlog import RunDirError
+    from kdarena.records.folder import RunDirError
     from kdarena.trainer import Trainer
 
     first = Trainer(cfg.load(None, TINY + ["optim.epochs=1"]), tmp_path / "run")

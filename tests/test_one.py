@@ -15,7 +15,7 @@ from kdarena import models
 from kdarena.cli import main
 from kdarena.config import ConfigError, load
 from kdarena.engine import checkpoint as ckpt
-from kdarena.engine.runlog import read_metrics
+from kdarena.records.folder import read_metrics
 from kdarena.methods import registry
 from kdarena.models.branched import BranchedGroup, BranchView, GateEnsemble, whole
 from kdarena.trainer import Trainer, train

@@ -16,7 +16,7 @@ from kdarena import __version__
 from kdarena.engine import checkpoint as ckpt
 from kdarena.cli import main
 from kdarena.config import ConfigError, load
-from kdarena.engine.runlog import read_metrics
+from kdarena.records.folder import read_metrics
 from kdarena.trainer import Trainer, train
 
 TINY = [

@@ -1,17 +1,6 @@
-"""The model card written beside every export: what the file is, how to feed it, what it scored.
-
-``FILE.card.json`` holds every field; ``FILE.card.md`` is a short summary for people. Fields:
-
-* ``file``, ``format`` (safetensors, torchscript, onnx), ``sha256`` of the exported file, ``created``;
-* ``network`` (``net1`` or ``ensemble``), ``architecture`` (registry names, one per network;
-  ``kdarena.models.create(name, num_classes, in_channels)`` rebuilds each), ``output`` (``logits``, or
-  for an ensemble ``log_mean_probabilities``: log of the mean of the networks' softmax);
-* ``num_classes``, ``classes`` (class names, index = output column), ``input`` (shape C, H, W);
-* ``preprocessing``: exactly what ``kdarena eval`` feeds the network (decode, resize filter, crop,
-  scale, per-channel mean/std);
-* ``accuracy``: top-1/top-5 on val and test at the exported weights' epoch, at the last epoch and
-  at the epoch of the best validation top-1 (from the run's metrics.jsonl);
-* ``source``: the run folder, the checkpoint, its sha256 and epoch; ``versions``; ``config``: the run's.
+"""The model card written beside every export (``FILE.card.json``, every field, see
+:class:`kdarena.records.card.ModelCard`; ``FILE.card.md``, a short summary for people): building it from a
+run's network, rendering it, reading it back.
 """
 from __future__ import annotations
 
@@ -20,19 +9,18 @@ import platform
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from .. import __version__
 from ..config import to_dict
 from ..data.datasets import ArrayDataset
-from ..experiments.run_folders import DamagedFile, read_json, validate
+from ..records.card import CARD_VERSION, FILE_FORMATS, ModelCard
+from ..records.read import DamagedFile, read_json, validate
+from ..version import __version__
 from .errors import ExportError
 from .source import Selected
 
-CARD_VERSION = 1
 #: A card holds the run's config and class names: kilobytes. A larger file is refused unread.
 CARD_MAX_BYTES = 4 * 2**20
 RESIZE_STEPS = {
@@ -91,26 +79,26 @@ def build_card(selected: Selected, fmt: str, model: Path | None, model_sha256: s
     """The card of ``selected`` written as ``model`` (None: a network taken from a run folder, not a file)."""
     prep = preprocessing(selected.data)
     channels = 3 if prep["color"] == "RGB" else 1
-    return {
-        "kdarena_model_card": CARD_VERSION,
-        "file": model.name if model is not None else None,
-        "format": fmt,
-        "sha256": model_sha256,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "network": selected.network,
-        "networks": selected.indices,
-        "architecture": selected.architecture,
-        "output": "log_mean_probabilities" if selected.network == "ensemble" else "logits",
-        "num_classes": selected.data.num_classes,
-        "classes": list(selected.data.classes),
-        "input": {"shape": [channels, *prep["size"]], "dtype": "float32", "layout": "NCHW"},
-        "preprocessing": prep,
-        "accuracy": selected.accuracy,
-        "source": {"run_dir": str(run_dir), "checkpoint": str(selected.checkpoint), "checkpoint_sha256": checkpoint_sha256,
-                   "epoch": selected.epoch, "mid_epoch": selected.mid_epoch},
-        "versions": _versions(fmt),
-        "config": to_dict(selected.config),
-    }
+    return ModelCard(
+        kdarena_model_card=CARD_VERSION,
+        file=model.name if model is not None else None,
+        format=fmt,
+        sha256=model_sha256,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        network=selected.network,
+        networks=selected.indices,
+        architecture=selected.architecture,
+        output="log_mean_probabilities" if selected.network == "ensemble" else "logits",
+        num_classes=selected.data.num_classes,
+        classes=list(selected.data.classes),
+        input={"shape": [channels, *prep["size"]], "dtype": "float32", "layout": "NCHW"},
+        preprocessing=prep,
+        accuracy=selected.accuracy,
+        source={"run_dir": str(run_dir), "checkpoint": str(selected.checkpoint), "checkpoint_sha256": checkpoint_sha256,
+                "epoch": selected.epoch, "mid_epoch": selected.mid_epoch},
+        versions=_versions(fmt),
+        config=to_dict(selected.config),
+    ).as_written()
 
 
 def markdown(card: dict[str, Any]) -> str:
@@ -144,55 +132,6 @@ def markdown(card: dict[str, Any]) -> str:
     ])
 
 
-PositiveInt = Annotated[int, Field(ge=1)]
-Finite = Annotated[float, Field(allow_inf_nan=False)]
-
-
-class _Input(BaseModel):
-    model_config = ConfigDict(strict=True)
-    shape: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)]
-
-
-class _Preprocessing(BaseModel):
-    model_config = ConfigDict(strict=True)
-    color: Literal["RGB", "L"]
-    size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
-    resize: Literal["area", "bilinear"]
-    mean: list[Finite]
-    std: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]]
-
-
-class CardFields(BaseModel):
-    """The fields of a card that ``load_model`` and ``kdarena predict`` act on: the card is a file like any other
-    a user is handed, and its sha256 vouches for the model file, not for the card itself."""
-    model_config = ConfigDict(strict=True, extra="allow")
-    kdarena_model_card: Literal[1]
-    format: Literal["safetensors", "torchscript", "onnx"]
-    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-    network: str
-    architecture: Annotated[list[str], Field(min_length=1)]
-    num_classes: PositiveInt
-    classes: list[str]
-    input: _Input
-    preprocessing: _Preprocessing
-    config: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "CardFields":
-        channels, height, width = self.input.shape
-        prep = self.preprocessing
-        if self.network != "ensemble" and len(self.architecture) != 1:
-            raise ValueError(f"network {self.network} is one network, but architecture names {len(self.architecture)}")
-        if len(self.classes) != self.num_classes:
-            raise ValueError(f"classes names {len(self.classes)} classes, num_classes says {self.num_classes}")
-        if (channels, prep.color) not in ((3, "RGB"), (1, "L")) or len(prep.mean) != channels or len(prep.std) != channels:
-            raise ValueError(f"input.shape has {channels} channels, preprocessing is {prep.color} with "
-                             f"{len(prep.mean)} means and {len(prep.std)} stds")
-        if prep.size != [height, width]:
-            raise ValueError(f"preprocessing.size {prep.size} is not input.shape's {[height, width]}")
-        return self
-
-
 def read_card(model: str | Path) -> dict[str, Any]:
     """The card beside ``model``, checked field by field and against the file (its sha256); :class:`ExportError`
     otherwise."""
@@ -201,9 +140,11 @@ def read_card(model: str | Path) -> dict[str, Any]:
         raise ExportError(f"{model} has no model card beside it ({path.name}); use a file written by kdarena export")
     try:
         card = read_json(path, CARD_MAX_BYTES)
-        validate(path, CardFields, card)
+        validate(path, ModelCard, card)
     except DamagedFile as error:
         raise ExportError(f"model card {error}; export the run again") from None
+    if card["format"] not in FILE_FORMATS:
+        raise ExportError(f"model card {path}: format {card['format']!r} describes no file; export the run again")
     if sha256_of(model) != card["sha256"]:
         raise ExportError(f"{model} does not match its model card (sha256 differs: the file changed since export); export again")
     return card

@@ -21,8 +21,10 @@ from .. import models
 from ..config import Config, apply_overrides, validate
 from ..data.build import DataBundle, build_data
 from ..engine import checkpoint as ckpt
-from ..engine.runlog import RunDirError, read_metrics
 from ..engine.weights import apply_weights, network_state
+from ..records.epoch import accuracy_key, is_evaluated, selection_split
+from ..records.folder import CHECKPOINTS, CONFIG_FILE, RunDirError, checkpoint_path, config_path
+from ..records.read import DamagedFile, read_records
 from .errors import ExportError
 
 
@@ -55,7 +57,11 @@ class Selected:
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
-    return [r for r in read_metrics(run_dir) if "net0/test_top1" in r]
+    """The run's evaluated epochs; a damaged epoch log is the user's one-line error."""
+    try:
+        return [r for r in read_records(run_dir) if is_evaluated(r)]
+    except DamagedFile as error:
+        raise RunDirError(f"{error}; the run's accuracies cannot be trusted, so nothing is chosen from it") from None
 
 
 def _network_index(choice: str, n: int, record: dict[str, Any] | None, has_val: bool, checkpoint: Path) -> list[int]:
@@ -65,10 +71,10 @@ def _network_index(choice: str, n: int, record: dict[str, Any] | None, has_val: 
         if not has_val:
             raise ExportError("--network best: the run has no validation split (data.val_size=0), and best is never chosen "
                               "on the test set; give --network INDEX or --network ensemble")
-        if record is None or "net0/val_top1" not in record:
+        if record is None or selection_split(record) != "val":
             raise ExportError(f"--network best: the weights in {checkpoint} were never evaluated (a mid-epoch checkpoint); "
                               "give --network INDEX, or --checkpoint best")
-        scores = [record[f"net{i}/val_top1"] for i in range(n)]
+        scores = [record[accuracy_key(f"net{i}", "val")] for i in range(n)]
         return [scores.index(max(scores))]
     try:
         index = int(choice)
@@ -83,15 +89,15 @@ def _accuracy(records: list[dict[str, Any]], key: str, record: dict[str, Any] | 
     """Top-1/top-5 (val and test) of ``key`` at the exported weights, the last epoch and the best-val epoch."""
     def row(r: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"epoch": r["epoch"] + 1}  # epochs completed, as a checkpoint counts them
-        out.update({f"{split}_{m}": r[f"{key}/{split}_{m}"] for split in ("val", "test") for m in ("top1", "top5")
-                    if f"{key}/{split}_{m}" in r})
+        out.update({f"{split}_{m}": r[accuracy_key(key, split, m)] for split in ("val", "test") for m in ("top1", "top5")
+                    if accuracy_key(key, split, m) in r})
         return out
 
     if not records:
         return {}
-    out = {"selected_on": "val" if "net0/val_top1" in records[-1] else None, "last": row(records[-1])}
+    out = {"selected_on": "val" if selection_split(records[-1]) == "val" else None, "last": row(records[-1])}
     if out["selected_on"]:
-        out["best_val"] = row(max(records, key=lambda r: r[f"{key}/val_top1"]))
+        out["best_val"] = row(max(records, key=lambda r: r[accuracy_key(key, "val")]))
     out["exported_weights"] = row(record) if record is not None else None
     return out
 
@@ -99,16 +105,16 @@ def _accuracy(records: list[dict[str, Any]], key: str, record: dict[str, Any] | 
 def open_run(run_dir: str | Path, checkpoint: str = "best", network: str = "best", overrides: Sequence[str] = ()) -> Selected:
     """The network (or ensemble) of ``run_dir`` to export or predict with; :class:`ExportError` and kin for bad input."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoints").is_dir():
-        raise RunDirError(f"{run_dir} is not a kdarena run (no config.yaml and checkpoints/); give a folder written by kdarena train")
+    if not config_path(run_dir).is_file() or not (run_dir / CHECKPOINTS).is_dir():
+        raise RunDirError(f"{run_dir} is not a kdarena run (no {CONFIG_FILE} and {CHECKPOINTS}/); give a folder written by kdarena train")
     if checkpoint not in ("best", "last"):
         raise ExportError(f"--checkpoint {checkpoint!r}: give best or last")
     records = _records(run_dir)
-    has_val = bool(records) and "net0/val_top1" in records[-1]
+    has_val = bool(records) and selection_split(records[-1]) == "val"
     if checkpoint == "best" and records and not has_val:
         raise ExportError(f"--checkpoint best: {run_dir} has no validation split (data.val_size=0), so its best.pt was chosen "
                           "on the test set; use --checkpoint last")
-    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    path = checkpoint_path(run_dir, checkpoint)
     state = ckpt.load(path, required=ckpt.EVAL_KEYS)
     config = validate(apply_overrides(state["config"], list(overrides)))
     epoch, mid_epoch = int(state["epoch"]), bool(state.get("batch_in_epoch", 0))

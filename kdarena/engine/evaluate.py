@@ -10,6 +10,7 @@ from torch import nn
 
 from .distributed import all_reduce_sum
 from ..group import Group
+from ..records.epoch import accuracy_key, selection_split
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -96,7 +97,7 @@ def evaluate_splits(group: Group, extra: dict[str, nn.Module], data, device: tor
 
 def epoch_line(record: dict, n: int) -> str:
     """The one line logged per epoch: accuracies, teacher shares, speed."""
-    split = "val" if "net0/val_top1" in record else "test"
-    accs = " ".join(f"{record[f'net{i}/{split}_top1']:.2f}" for i in range(n) if f"net{i}/{split}_top1" in record)
+    split = selection_split(record)
+    accs = " ".join(f"{record[accuracy_key(f'net{i}', split)]:.2f}" for i in range(n) if accuracy_key(f"net{i}", split) in record)
     shares = " ".join(f"{record[f'net{i}/teacher_share']:.2f}" for i in range(n))
     return f"epoch {record['epoch'] + 1}: {split} top1 [{accs}] teacher share [{shares}] {record['images_per_s']:.0f} img/s"

@@ -1,4 +1,4 @@
-"""Host-side bookkeeping of one epoch (restored with a mid-epoch checkpoint) and the run's summary."""
+"""Host-side bookkeeping of one epoch (restored with a mid-epoch checkpoint); the run's summary is :mod:`kdarena.records.summary`."""
 from __future__ import annotations
 
 import math
@@ -55,7 +55,7 @@ class EpochStats:
         return 100.0 * sum(self.sums[f"hits_{i}"] for i in range(self.n)) / (self.n * seen)
 
     def record(self) -> dict[str, Any]:
-        """The epoch's training numbers as ``metrics.jsonl`` keys."""
+        """The epoch's training numbers as keys of its :class:`~kdarena.records.epoch.EpochRecord`."""
         n, count, steps = self.n, max(self.sums["count"], 1.0), max(self.steps, 1)
         record: dict[str, Any] = {}
         for i in range(n):
@@ -88,47 +88,3 @@ class EpochStats:
                 setattr(self, key, defaultdict(int, value))
             else:
                 setattr(self, key, value)
-
-
-def summarize(records: list[dict[str, Any]], n: int) -> dict[str, Any]:
-    """Last-epoch and best-validation-epoch test accuracy for every network and the ensemble.
-
-    ``test_at_best_val`` is the test accuracy at the epoch where that network's validation
-    accuracy peaked; ``best_test`` (picked on the test set itself) is kept but labelled so.
-    """
-    evaluated = [r for r in records if "net0/test_top1" in r]
-    if not evaluated:
-        return {"epochs": len(records), "networks": []}
-    has_val = "net0/val_top1" in evaluated[-1]
-    out: dict[str, Any] = {"epochs": len(records), "selection_split": "val" if has_val else "test", "networks": []}
-    for key in [f"net{i}" for i in range(n)] + ["ensemble"]:
-        last = evaluated[-1]
-        entry = {"name": key, "last_test_top1": last[f"{key}/test_top1"], "last_test_top5": last[f"{key}/test_top5"]}
-        if has_val:
-            best = max(evaluated, key=lambda r: r[f"{key}/val_top1"])
-            entry.update({"best_val_top1": best[f"{key}/val_top1"], "best_val_epoch": best["epoch"],
-                          "test_at_best_val_top1": best[f"{key}/test_top1"], "last_val_top1": last[f"{key}/val_top1"]})
-        best_test = max(evaluated, key=lambda r: r[f"{key}/test_top1"])
-        entry.update({"best_test_top1_selected_on_test": best_test[f"{key}/test_top1"], "best_test_epoch": best_test["epoch"]})
-        if key != "ensemble":
-            entry["teacher_share"] = sum(r.get(f"{key}/teacher_share", 0.0) for r in records) / len(records)
-            entry["last_train_top1"] = records[-1].get(f"{key}/train_top1")
-        if key == "ensemble":
-            out["ensemble"] = entry
-        else:
-            out["networks"].append(entry)
-    # networks a method evaluates besides the group (temporal means, a gated ensemble), each selected on its own val
-    extra = sorted({k.split("/")[0] for k in evaluated[-1] if k.endswith("/test_top1")} - {f"net{i}" for i in range(n)} - {"ensemble"})
-    for key in extra:
-        rows = [r for r in evaluated if f"{key}/test_top1" in r]
-        entry = {"name": key, "last_test_top1": rows[-1][f"{key}/test_top1"]}
-        if has_val and f"{key}/val_top1" in rows[-1]:
-            best = max(rows, key=lambda r: r[f"{key}/val_top1"])
-            entry.update({"best_val_top1": best[f"{key}/val_top1"], "test_at_best_val_top1": best[f"{key}/test_top1"]})
-        out.setdefault("extra", {})[key] = entry
-    out["wall_seconds"] = records[-1].get("wall_seconds", 0.0)
-    speeds = [r["images_per_s"] for r in records if r.get("images_per_s")]
-    out["images_per_s"] = sorted(speeds)[len(speeds) // 2] if speeds else 0.0
-    out["perturbed_steps"] = sum(r.get("perturbed_steps", 0) for r in records)
-    out["perturbed_won"] = sum(r.get("perturbed_won", 0) for r in records)
-    return out

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..engine.runlog import read_metrics
 from ..errors import MissingExtraError, UserError
 from ..methods import registry as method_registry
-from . import run_folders
+from ..records import read as run_folders
+from ..records.folder import METRICS_FILE
 
 _TERMS = (("ce", "cross-entropy"), ("kd", "distillation KL"), ("feat", "feature loss"))
 
@@ -56,11 +56,9 @@ class _Run:
 def _find_runs(path: Path) -> list[_Run]:
     """The runs under ``path`` with epoch records; a damaged one is skipped with a warning naming its file and the fault."""
     runs = []
-    for here in run_folders.walk(path, "metrics.jsonl"):
+    for here in run_folders.logged_runs(path):
         try:
-            run_folders.check_file(here / "metrics.jsonl", run_folders.METRICS_MAX_BYTES)
-            records = read_metrics(here)
-            run_folders.check_records(here / "metrics.jsonl", records)
+            records = run_folders.read_records(here)
             config = run_folders.read_config(here)
         except run_folders.DamagedFile as error:
             run_folders.skip(error)
@@ -309,7 +307,7 @@ def plot_path(path: str | Path, out: str | Path | None = None) -> list[str]:
         raise UserError(f"{path} is not a directory; give a run directory or an experiment directory (kdarena sweep --out)")
     runs = _find_runs(path)
     if not runs:
-        raise UserError(f"no run with a valid metrics.jsonl under {path}; train or sweep into it first (kdarena sweep --out DIR)")
+        raise UserError(f"no run with a valid {METRICS_FILE} under {path}; train or sweep into it first (kdarena sweep --out DIR)")
     groups = _groups(runs)
     colors = _colors(list(groups))
     target = Path(out) if out else path / "plots"

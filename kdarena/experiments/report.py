@@ -1,6 +1,6 @@
 """Tables of mean +- std over seeds from finished runs (``kdarena report DIR [DIR ...]``).
 
-Every folder with a ``summary.json`` under the given directories is a run; runs are grouped
+Every folder with a summary (a finished run) under the given directories is a run; runs are grouped
 by method label, the run directory's name without its ``-seedN`` suffix. If two runs would
 share a label and a seed (e.g. two experiments passed at once), each experiment directory
 gets its own section instead, so runs of different experiments are never averaged together.
@@ -19,10 +19,11 @@ from typing import Any, Iterable, Sequence
 from pydantic import ValidationError
 
 from ..config import flatten, marked_keys
-from ..engine.runlog import atomic_write_text
 from ..errors import UserError
 from ..methods import registry as method_registry
-from . import run_folders
+from ..records import read as run_folders
+from ..records.folder import SUMMARY_FILE, atomic_write_text
+from ..records.summary import Result, Summary
 from .stats import Paired, mean, paired_difference, sample_std
 
 #: Prefixes of the keys that define the method (they may differ between the runs of one experiment).
@@ -39,11 +40,11 @@ class Run:
     experiment: Path
     label: str
     seed: int
-    summary: dict[str, Any]
+    summary: Summary
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.summary.get("config") or {}
+        return self.summary.config.as_written() if self.summary.config is not None else {}
 
     @property
     def has_teacher(self) -> bool:
@@ -79,7 +80,7 @@ def find_runs(dirs: Iterable[str | Path]) -> list[Run]:
         root = Path(d)
         if not root.is_dir():
             raise UserError(f"{root} is not a directory; give an experiment directory (kdarena sweep --out) or a run directory")
-        for here in run_folders.walk(root, "summary.json"):
+        for here in run_folders.finished_runs(root):
             if here.resolve() in seen:
                 continue
             seen.add(here.resolve())
@@ -88,7 +89,7 @@ def find_runs(dirs: Iterable[str | Path]) -> list[Run]:
             except run_folders.DamagedFile as error:
                 run_folders.skip(error)
                 continue
-            label, seed = run_folders.label_and_seed(here, summary.get("config") or {})
+            label, seed = run_folders.label_and_seed(here, summary.config.as_written() if summary.config else {})
             runs.append(Run(here, here.parent, label, seed, summary))
     return runs
 
@@ -116,23 +117,24 @@ def _values(runs: list[Run], index: int | str | None, key: str) -> list[float]:
     """``index`` None = the ensemble; a string = a network the method evaluates besides the group (e.g. ``mean0``)."""
     out = []
     for run in runs:
-        nets = run.summary["networks"]
+        nets = run.summary.networks
+        entry: Result | None
         if isinstance(index, str):
-            entry = (run.summary.get("extra") or {}).get(index)
+            entry = (run.summary.extra or {}).get(index)
         else:
-            entry = run.summary.get("ensemble") if index is None else (nets[index] if index < len(nets) else None)
-        if entry is not None and entry.get(key) is not None:
-            out.append(float(entry[key]))
+            entry = run.summary.ensemble if index is None else (nets[index] if index < len(nets) else None)
+        if entry is not None and getattr(entry, key, None) is not None:
+            out.append(float(getattr(entry, key)))
     return out
 
 
 def _network_rows(runs: list[Run]) -> list[tuple[str, int | None]]:
-    n = max(len(r.summary["networks"]) for r in runs)
+    n = max(len(r.summary.networks) for r in runs)
     models = runs[0].config.get("models") or []
     rows = [(f"net{i}" + (f" ({models[i]})" if i < len(models) else ""), i) for i in range(n)]
     if n > 1:
         rows.append(("ensemble", None))
-    rows += [(name, name) for name in sorted(runs[0].summary.get("extra") or {})]  # e.g. temporal means, gated ensemble
+    rows += [(name, name) for name in sorted(runs[0].summary.extra or {})]  # e.g. temporal means, gated ensemble
     return rows
 
 
@@ -252,11 +254,11 @@ def _check_baselines(runs: list[Run], baselines: Sequence[str] | None, dirs: lis
 
 def _perturbed(group: list[Run]) -> tuple[int, int]:
     """Perturbed steps the perturbed network won, and perturbed steps, summed over the group's seeds."""
-    return sum(r.summary.get("perturbed_won", 0) for r in group), sum(r.summary.get("perturbed_steps", 0) for r in group)
+    return sum(r.summary.perturbed_won for r in group), sum(r.summary.perturbed_steps for r in group)
 
 
 def _run_mean(group: list[Run], key: str) -> float:
-    return mean([float(r.summary.get(key, 0.0)) for r in group])
+    return mean([float(getattr(r.summary, key)) for r in group])
 
 
 def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None = None, best_on_test: bool = False,
@@ -274,7 +276,7 @@ def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None
         raise UserError("give at least one experiment or run directory")
     runs = find_runs(dirs)
     if not runs:
-        raise UserError(f"no finished run (a folder with a valid summary.json) under {', '.join(map(str, dirs))}; "
+        raise UserError(f"no finished run (a folder with a valid {SUMMARY_FILE}) under {', '.join(map(str, dirs))}; "
                         f"train or sweep into it first (kdarena sweep --out DIR)")
     baselines = _check_baselines(runs, baselines, dirs)
     compared = [b for b in baselines if any(r.label == b for r in runs)]  # report.csv's paired columns

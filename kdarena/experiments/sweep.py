@@ -8,16 +8,15 @@
   ``cd-clean:method.name=cd;method.selection=clean``).
 * Order of overrides: the config file, then the command-line overrides, then the method's
   preset and extras, then ``seed``. So a method always means the same thing.
-* Finished runs (``summary.json``) are skipped, unfinished ones (``checkpoints/last.pt``)
+* Finished runs (with a summary) are skipped, unfinished ones (``checkpoints/last.pt``)
   resumed, the rest started. A run made with a different config is never silently reused.
-* ``DIR/sweep.json`` lists every run with its status, wall time and the node (and GPU) it ran on;
+* The index (:class:`~kdarena.records.sweep_index.SweepIndex`) lists every run with its status, wall time and the node (and GPU) it ran on;
   it is rewritten after every run.
 * ``--engine`` says where the runs train: ``local`` (this machine, ``--jobs`` at once) or ``ray``
   (a Ray cluster, :mod:`.ray_engine`); everything above is the same for both.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
@@ -27,8 +26,11 @@ from typing import Any, Sequence
 
 from .. import config as cfg
 from ..methods import registry as method_registry
-from ..engine.runlog import write_json
 from ..errors import UserError
+from ..records import read as run_folders
+from ..records.folder import config_path, is_finished, sweep_index_path, write_json
+from ..records.summary import Summary
+from ..records.sweep_index import SweepIndex, SweepMethod, SweepRun
 from .run_task import next_action
 
 log = logging.getLogger("kdarena")
@@ -68,11 +70,9 @@ class RunPlan:
     def name(self) -> str:
         return f"{self.label}-seed{self.seed}"
 
-    def record(self) -> dict[str, Any]:
-        out = {"label": self.label, "seed": self.seed, "run_dir": str(self.run_dir), "status": self.status,
-               "seconds": round(self.seconds, 2)}
-        out.update({key: value for key, value in (("node", self.node), ("gpu", self.gpu), ("error", self.error)) if value})
-        return out
+    def record(self) -> SweepRun:
+        return SweepRun(label=self.label, seed=self.seed, run_dir=str(self.run_dir), status=self.status,
+                        seconds=round(self.seconds, 2), node=self.node, gpu=self.gpu, error=self.error)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -152,13 +152,12 @@ def config_difference(saved: dict[str, Any], planned: dict[str, Any]) -> str | N
 
 
 def _stored_config(run_dir: Path) -> dict[str, Any] | None:
-    summary = run_dir / "summary.json"
-    if summary.is_file():
+    if is_finished(run_dir):
         try:
-            return json.loads(summary.read_text()).get("config")
-        except (OSError, ValueError):
+            return run_folders.read_config(run_dir)
+        except run_folders.DamagedFile:
             return None
-    path = run_dir / "config.yaml"
+    path = config_path(run_dir)
     if path.is_file():
         try:
             return cfg.to_dict(cfg.load(path))
@@ -189,42 +188,31 @@ def plan_sweep(config_path: str | Path | None, overrides: Sequence[str] | None, 
 
 
 def _write_index(exp_dir: Path, config_path, overrides, specs: list[MethodSpec], seeds: list[int], plans: list[RunPlan]) -> None:
-    """Write ``sweep.json``; runs and methods of earlier sweeps into the same directory are kept."""
-    path = exp_dir / "sweep.json"
-    old: dict[str, Any] = {}
+    """Write the index; runs and methods of earlier sweeps into the same directory are kept (a damaged old
+    index is replaced by this sweep's, with a warning)."""
+    path = sweep_index_path(exp_dir)
+    old = SweepIndex()
     if path.is_file():
         try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = {}
-    previous = {(r.get("label"), r.get("seed")): r for r in old.get("runs", []) if isinstance(r, dict)}
+            old = run_folders.validate(path, SweepIndex, run_folders.read_json(path))
+        except run_folders.DamagedFile as error:
+            log.warning("kdarena: warning: %s; it is rewritten from this sweep's runs", error)
+    previous = {(r.label, r.seed): r for r in old.runs}
     runs = {}  # this sweep's runs first, then older ones
     for p in plans:
-        # a run not (yet) trained by this sweep keeps where and how long it last trained
-        kept = previous.get((p.label, p.seed), {}) if p.status in ("pending", "skipped") else {}
-        runs[(p.label, p.seed)] = {**p.record(), **{k: kept[k] for k in ("seconds", "node", "gpu") if k in kept}}
+        run = p.record()
+        kept = previous.get((p.label, p.seed)) if p.status in ("pending", "skipped") else None
+        if kept is not None:  # a run not (yet) trained by this sweep keeps where and how long it last trained
+            run = run.model_copy(update={"seconds": kept.seconds, "node": kept.node or run.node, "gpu": kept.gpu or run.gpu})
+        runs[(p.label, p.seed)] = run
     for key, r in previous.items():
         runs.setdefault(key, r)
-    methods = {s.label: {"label": s.label, "overrides": s.overrides} for s in specs}
-    for m in old.get("methods", []):
-        if isinstance(m, dict):
-            methods.setdefault(m.get("label"), m)
-    write_json(path, {
-        "config": None if config_path is None else str(config_path),
-        "overrides": list(overrides or []),
-        "methods": list(methods.values()),
-        "seeds": sorted(set(old.get("seeds", [])) | set(seeds)),
-        "runs": list(runs.values()),
-    })
-
-
-def _accuracies(summary: dict[str, Any]) -> str:
-    nets = summary.get("networks") or []
-    if not nets:
-        return ""
-    accs = " / ".join(f"{n['last_test_top1']:.2f}" for n in nets)
-    ens = summary.get("ensemble", {}).get("last_test_top1")
-    return f"; last test top-1 {accs}" + (f" (ensemble {ens:.2f})" if ens is not None and len(nets) > 1 else "")
+    methods = {s.label: SweepMethod(label=s.label, overrides=s.overrides) for s in specs}
+    for m in old.methods:
+        methods.setdefault(m.label, m)
+    index = SweepIndex(config=None if config_path is None else str(config_path), overrides=list(overrides or []),
+                       methods=list(methods.values()), seeds=sorted(set(old.seeds) | set(seeds)), runs=list(runs.values()))
+    write_json(path, index.as_written())
 
 
 ENGINES = ("local", "ray")
@@ -254,7 +242,7 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
               methods: str | Sequence[str] = "independent,dml,cd", seeds: str | Sequence[int] = "0,1,2",
               out: str | Path | None = None, jobs: int = 1, engine: str = "local", address: str | None = None,
               gpus_per_run: float | None = None) -> list[dict[str, Any]]:
-    """Run every method x seed into one experiment directory; returns the ``sweep.json`` run records.
+    """Run every method x seed into one experiment directory; returns the index's run records.
 
     The plan (which runs, skipped / resumed / restarted, the index, the lines printed) is made here;
     ``engine`` only says where each run trains (:func:`make_engine`). ``jobs > 1`` trains that many
@@ -295,14 +283,13 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
     number = {plan.name: k for k, plan in enumerate(plans, 1)}
     todo: dict[str, RunPlan] = {}
     for plan in plans:
-        summary_path = plan.run_dir / "summary.json"
-        if summary_path.is_file():
+        if is_finished(plan.run_dir):
             plan.status = "skipped"
             try:
-                summary = json.loads(summary_path.read_text())
-            except ValueError:
-                summary = {}
-            say(f"[{number[plan.name]}/{total}] {plan.name}: skipped (finished){_accuracies(summary)}")
+                note = run_folders.read_summary(plan.run_dir).accuracy_note()
+            except run_folders.DamagedFile:
+                note = ""
+            say(f"[{number[plan.name]}/{total}] {plan.name}: skipped (finished){note}")
             index()
             continue
         if next_action(plan.run_dir) == "restarted":
@@ -328,7 +315,8 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
             summary, action = outcome["summary"], outcome["action"]
             plan.status = action if summary.get("networks") else ("stopped" if "stopped_at_step" in summary else action)
             where = f" on {outcome['node_ip']} ({plan.node[:12]})" if outcome.get("node_ip") else ""
-            say(f"{head} {plan.status} in {plan.seconds:.1f} s{where}{_accuracies(summary)}")
+            note = Summary.model_validate(summary).accuracy_note() if summary.get("networks") else ""
+            say(f"{head} {plan.status} in {plan.seconds:.1f} s{where}{note}")
         bar.update(1)
         index()
 
@@ -349,5 +337,5 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
     say(f"sweep: {total - len(failed) - stopped}/{total} runs ok in {exp_dir}{again}; tables: kdarena report {exp_dir}")
     if failed:
         raise SweepError(f"{len(failed)} of {total} runs failed: "
-                         + "; ".join(f"{p.name} ({p.error})" for p in failed) + f"; see {exp_dir / 'sweep.json'}")
-    return [p.record() for p in plans]
+                         + "; ".join(f"{p.name} ({p.error})" for p in failed) + f"; see {sweep_index_path(exp_dir)}")
+    return [p.record().model_dump(exclude_none=True) for p in plans]

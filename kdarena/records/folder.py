@@ -1,4 +1,14 @@
-"""The run directory: creation without silent overwrites, one run at a time, metrics.jsonl, summary.json, TensorBoard."""
+"""The run folder as its writer sees it: its files' names, creation without silent overwrites, one run
+at a time (the lock), the epoch log and TensorBoard, atomic writes.
+
+A run folder holds ``config.yaml`` (the config, written first), ``metrics.jsonl`` (one
+:class:`~kdarena.records.epoch.EpochRecord` per line), ``summary.json`` (the
+:class:`~kdarena.records.summary.Summary`, written last: a run is finished when it exists),
+``checkpoints/`` (``last.pt``, ``best.pt``), ``.lock`` and, if asked, ``tensorboard/``.
+An experiment folder holds one run folder per method and seed and ``sweep.json``
+(:class:`~kdarena.records.sweep_index.SweepIndex`). Readers of folders someone hands over go through
+:mod:`kdarena.records.read`.
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import UserError
+from .epoch import EpochRecord
 
 try:
     import fcntl
@@ -16,6 +27,37 @@ except ImportError:  # not POSIX: no run-directory lock
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".lock"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+SWEEP_INDEX_FILE = "sweep.json"
+CHECKPOINTS = "checkpoints"
+
+
+def config_path(run_dir: Path) -> Path:
+    return Path(run_dir) / CONFIG_FILE
+
+
+def metrics_path(run_dir: Path) -> Path:
+    return Path(run_dir) / METRICS_FILE
+
+
+def summary_path(run_dir: Path) -> Path:
+    return Path(run_dir) / SUMMARY_FILE
+
+
+def checkpoint_path(run_dir: Path, name: str = "last") -> Path:
+    """``checkpoints/last.pt`` (the latest), ``best.pt`` (the best selection-split epoch), ``last.prev.pt``..."""
+    return Path(run_dir) / CHECKPOINTS / f"{name}.pt"
+
+
+def sweep_index_path(exp_dir: Path) -> Path:
+    return Path(exp_dir) / SWEEP_INDEX_FILE
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run is finished once its summary is written (its last act)."""
+    return summary_path(run_dir).is_file()
 
 
 class RunDirError(UserError, RuntimeError):
@@ -81,8 +123,8 @@ def prepare(run_dir: Path, resume: bool, force: bool) -> IO[str] | None:
 
 def _prepare(run_dir: Path, resume: bool, force: bool) -> IO[str] | None:
     if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise RunDirError(f"cannot resume: {run_dir} holds no run (no config.yaml); start a new run without --resume")
+        if not config_path(run_dir).is_file():
+            raise RunDirError(f"cannot resume: {run_dir} holds no run (no {CONFIG_FILE}); start a new run without --resume")
         return lock(run_dir)
     old = lock(run_dir) if run_dir.is_dir() else None  # held while the old run is moved aside: no one is using it
     if not (run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir())):
@@ -113,10 +155,10 @@ def _backup_path(run_dir: Path) -> Path:
 
 
 class MetricsLog:
-    """Appends one JSON line per epoch; on resume, drops lines of epochs that will be re-run."""
+    """Appends one :class:`EpochRecord` per epoch as a JSON line; on resume, drops lines of epochs that will be re-run."""
 
     def __init__(self, run_dir: Path, tensorboard: bool, resume_epoch: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = metrics_path(run_dir)
         if resume_epoch is not None and self.path.exists():
             # a line cut short by a kill mid-append parses as None and is dropped with the re-run epochs
             lines = self.path.read_text().splitlines()
@@ -133,9 +175,12 @@ class MetricsLog:
                 self.writer = None
 
     def write(self, record: dict[str, Any]) -> None:
+        """One epoch's record, checked by :class:`EpochRecord` as every reader checks it (a value out of its
+        range is a bug of ours: it raises here, not in the report of a finished study)."""
+        line = json.dumps(EpochRecord.model_validate(record).model_dump()) + "\n"
         try:
             with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(line)
                 handle.flush()
                 os.fsync(handle.fileno())
         except OSError as error:
@@ -153,7 +198,9 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+    """The epoch records of a run this process writes (resume, the summary); a folder someone hands over
+    is read with :func:`kdarena.records.read.read_records`, which checks them."""
+    path = metrics_path(run_dir)
     if not path.exists():
         return []
     return [record for record in map(_parse, path.read_text().splitlines()) if record is not None]
@@ -180,17 +227,3 @@ def _epoch_of(path: Path, number: int, line: str, default: int) -> int:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def install_stop_handlers(handler) -> dict:
-    """Route SIGINT/SIGTERM to ``handler`` (the trainer checkpoints, then stops); returns the previous
-    handlers for ``signal.signal`` to restore. Outside the main thread signals cannot be caught: skipped."""
-    import signal
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread
-            pass
-    return previous

@@ -1,0 +1,91 @@
+"""The model card: what an exported network is, how to feed it, what it scored (``FILE.card.json``).
+
+One model for the writer (:func:`kdarena.deploy.card.build_card`, for a file or for a network taken
+from a run folder by :func:`kdarena.load_model`) and for the reader (``load_model``, ``kdarena
+predict``): a card is a file like any other a user is handed, and its sha256 vouches for the model
+file, not for the card itself. Fields, in the order written:
+
+* ``kdarena_model_card`` (the card's schema version), ``file``, ``format`` (safetensors, torchscript,
+  onnx; ``run`` for a network loaded from a run folder, which has no file and no sha256), ``sha256``
+  of the exported file, ``created``;
+* ``network`` (``net1`` or ``ensemble``), ``networks`` (their indices), ``architecture`` (registry
+  names, one per network), ``output`` (``logits``, or for an ensemble ``log_mean_probabilities``);
+* ``num_classes``, ``classes`` (class names, index = output column), ``input`` (shape C, H, W);
+* ``preprocessing``: exactly what ``kdarena eval`` feeds the network;
+* ``accuracy``: top-1/top-5 on val and test at the exported weights' epoch, at the last epoch and at
+  the epoch of the best validation top-1 (from the run's epoch records);
+* ``source``: the run folder, the checkpoint, its sha256 and epoch; ``versions``; ``config``: the run's.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+CARD_VERSION = 1
+#: The formats of an exported file; ``run`` is a card built in memory for a network of a run folder.
+FILE_FORMATS = ("safetensors", "torchscript", "onnx")
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class CardInput(_Strict):
+    shape: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)]
+    dtype: str = "float32"
+    layout: str = "NCHW"
+
+
+class Preprocessing(_Strict):
+    color: Literal["RGB", "L"]
+    size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
+    resize: Literal["area", "bilinear"]
+    steps: list[str] = Field(default_factory=list)
+    mean: list[Finite]
+    std: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]]
+
+
+class ModelCard(_Strict):
+    kdarena_model_card: Literal[1]
+    file: Optional[str] = None
+    format: Literal["safetensors", "torchscript", "onnx", "run"]
+    sha256: Optional[Sha256] = None
+    created: Optional[str] = None
+    network: str
+    networks: list[int] = Field(default_factory=list)
+    architecture: Annotated[list[str], Field(min_length=1)]
+    output: Literal["logits", "log_mean_probabilities"] = "logits"
+    num_classes: PositiveInt
+    classes: list[str]
+    input: CardInput
+    preprocessing: Preprocessing
+    accuracy: dict[str, Any] = Field(default_factory=dict)
+    source: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelCard":
+        channels, height, width = self.input.shape
+        prep = self.preprocessing
+        if (self.format in FILE_FORMATS) != (self.sha256 is not None):
+            raise ValueError(f"a {self.format} card " + ("needs the sha256 of its file" if self.format in FILE_FORMATS
+                                                         else "describes no file, so it has no sha256"))
+        if self.network != "ensemble" and len(self.architecture) != 1:
+            raise ValueError(f"network {self.network} is one network, but architecture names {len(self.architecture)}")
+        if len(self.classes) != self.num_classes:
+            raise ValueError(f"classes names {len(self.classes)} classes, num_classes says {self.num_classes}")
+        if (channels, prep.color) not in ((3, "RGB"), (1, "L")) or len(prep.mean) != channels or len(prep.std) != channels:
+            raise ValueError(f"input.shape has {channels} channels, preprocessing is {prep.color} with "
+                             f"{len(prep.mean)} means and {len(prep.std)} stds")
+        if prep.size != [height, width]:
+            raise ValueError(f"preprocessing.size {prep.size} is not input.shape's {[height, width]}")
+        return self
+
+    def as_written(self) -> dict[str, Any]:
+        return self.model_dump(exclude_unset=True)
