@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import config as cfg
-from ..engine.runlog import atomic_write_text
+from ..records.folder import atomic_write_text
 from ..errors import UserError
 from . import plan as plans
 from .report import find_runs
@@ -31,8 +31,6 @@ log = logging.getLogger("kdarena")
 HASH_FILE = "plan.sha256"
 CONFIG_FILE = "plan-config.yaml"
 REPORT = "confirm.md"
-#: the summary key of each network's test top-1 at the epoch a tuning objective chose on
-_TEST_KEY = {"last": "last_test_top1", "best": "test_at_best_val_top1"}
 
 
 class ConfirmError(UserError):
@@ -81,11 +79,11 @@ def confirm(plan_path: str | Path, seeds: str | Sequence[int], baseline: str | N
     pairs = [(m, baseline) for m in labels if m != baseline] if baseline else list(combinations(labels, 2))
     if not pairs:
         raise ConfirmError(f"{plan_path} holds one method ({labels[0]}): there is nothing to compare it with")
+    out = Path(out) if out is not None else plan_path.parent / "confirm"
+    digest = _frozen(plan_path, out)
     if plan.config.get("seed") in seed_list:
         log.warning("kdarena: warning: seed %s is the one the tuning trained with; a confirmation is only fresh on other "
                     "seeds (e.g. --seeds 100-109)", plan.config["seed"])
-    out = Path(out) if out is not None else plan_path.parent / "confirm"
-    digest = _frozen(plan_path, out)
     base = cfg.validate(plan.config)
     atomic_write_text(out / CONFIG_FILE, cfg.dump(base))
     specs = [f"{label}:{';'.join(method.overrides)}" if method.overrides else label for label, method in plan.methods.items()]
@@ -99,11 +97,10 @@ def confirm(plan_path: str | Path, seeds: str | Sequence[int], baseline: str | N
 
 
 def _report(plan: plans.Plan, out: Path, seeds: list[int], pairs: list[tuple[str, str]], plan_path: Path, digest: str) -> str:
-    key = _TEST_KEY[plan.objective]
     wanted = set(seeds)
     values: dict[str, dict[int, float]] = {label: {} for label in plan.methods}
     for run in find_runs([out]):
-        nets = [n.get(key) for n in run.summary["networks"]]
+        nets = [n.test_top1(plan.objective) for n in run.summary.networks]
         if run.label in values and run.seed in wanted and all(isinstance(v, (int, float)) for v in nets):
             values[run.label][run.seed] = mean(nets)
     epoch = "last epoch" if plan.objective == "last" else "epoch of the best validation top-1"
