@@ -147,6 +147,14 @@ def _refuse_run_files(run_dir: Path, out: Path) -> None:
                               "(outside the run folder, or one that is not a run file)")
 
 
+def _refuse_nonfinite(selected) -> None:
+    """Weights of NaN or inf would be exported under a card quoting the run's accuracy."""
+    bad = [name for name, t in selected.module.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        raise ExportError(f"{selected.network} in {selected.checkpoint} has non-finite weights ({len(bad)} tensor(s), first "
+                          f"{bad[0]}); it cannot be exported; choose another --network or --checkpoint")
+
+
 def export_run(run_dir: str | Path, out: str | Path, network: str = "best", checkpoint: str = "best",
                fmt: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Export ``run_dir``'s network to ``out`` with its model card; returns the card."""
@@ -159,6 +167,7 @@ def export_run(run_dir: str | Path, out: str | Path, network: str = "best", chec
         if out.resolve() == selected.checkpoint.resolve():
             raise ExportError(f"--out {out} is the checkpoint being exported; give another file name")
         _refuse_run_files(Path(run_dir), out)
+        _refuse_nonfinite(selected)
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a name too long, a read-only or missing folder: one line
         if isinstance(error, SafeFileError):

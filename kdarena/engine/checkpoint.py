@@ -16,6 +16,8 @@ import pickle
 import random
 import re
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +50,33 @@ def _numpy_globals() -> list:
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
+def _check_archive(path: Path) -> None:
+    """Refuse a checkpoint whose bytes changed after it was written, or a TorchScript program, before torch reads it.
+
+    torch's reader does not check the zip's CRC-32s: 16 flipped bytes inside a tensor of ``best.pt``
+    went unnoticed (eval scored a loss of 2e24, export wrote weights of 1e24). :meth:`zipfile.ZipFile.testzip`
+    reads every member once and checks each CRC (about a second per GB).
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+                raise CheckpointError(f"{str(path)!r} is a TorchScript program (such as kdarena export --format torchscript "
+                                      "writes), not a checkpoint, and kdarena does not run programs; give a checkpoint "
+                                      "such as RUN_DIR/checkpoints/best.pt")
+            damaged = archive.testzip()
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError):
+        return  # not a readable zip (truncated, or torch's legacy format): torch.load reports it below
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its record {damaged} fails its CRC-32 check (the bytes "
+                              "changed after kdarena wrote them); use another copy, or RUN_DIR/checkpoints/last.prev.pt")
+
+
 def _safe_load(path: Path, map_location: Any) -> Any:
     """``torch.load`` that refuses code; raises :class:`CheckpointError` for unreadable files."""
+    _check_archive(path)
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -71,7 +98,8 @@ def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
 
 
 def _detail(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # torch's own advice (retry with weights_only=False) would run the file's code: never passed on
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and "weights_only" not in line]
     useful = [line for line in lines if "WeightsUnpickler error" in line] or lines[:1] or [""]
     return f"{type(error).__name__}: {useful[0]}"
 
@@ -238,6 +266,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def load_network_state(path: Path, index: int, key: str = "method.teacher_checkpoint") -> dict[str, torch.Tensor]:
     """One network's weights from a kdarena checkpoint (network ``index``) or a plain state_dict file."""
+    if path.exists() and not path.is_file():  # a FIFO was reported as "does not exist"
+        raise CheckpointError(f"{key}={str(path)!r} is not a regular file (a folder, device, FIFO or socket); give the path "
+                              "of a kdarena checkpoint or a state_dict file")
     if not path.is_file():
         raise CheckpointError(f"{key}={str(path)!r} does not exist; give the path of a kdarena checkpoint or a state_dict file")
     state = _safe_load(path, "cpu")
