@@ -237,8 +237,8 @@ def test_confirm_reports_corrected_paired_differences_from_scipy(tuned, tmp_path
     # a confirmation run is the tuned trial's run on another seed: nothing else differs
     chosen = yaml.safe_load(plan.read_text())["methods"]["dml"]["trial"]
     trial = json.loads((tuned["out"] / "trials" / f"dml-trial00{chosen}" / "summary.json").read_text())["config"]
-    assert config_difference(trial, {**runs[("dml", 10)].summary["config"], "seed": trial["seed"], "name": trial["name"]}) is None
-    value = {key: sum(n["last_test_top1"] for n in r.summary["networks"]) / 2 for key, r in runs.items()}
+    assert config_difference(trial, {**runs[("dml", 10)].config, "seed": trial["seed"], "name": trial["name"]}) is None
+    value = {key: sum(n.last_test_top1 for n in r.summary.networks) / 2 for key, r in runs.items()}
     a, b = [value[("dml", s)] for s in (10, 11, 12)], [value[("cd", s)] for s in (10, 11, 12)]
     ci = stats.ttest_rel(a, b).confidence_interval(0.95)  # one comparison: no correction
     assert f"| dml − cd | 3 | {sum(a) / 3 - sum(b) / 3:+.2f} | [{ci.low:+.2f}, {ci.high:+.2f}] |" in text

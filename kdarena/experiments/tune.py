@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import config as cfg
-from ..engine.runlog import atomic_write_text, read_metrics
+from ..records.folder import atomic_write_text, read_metrics
 from ..errors import MissingExtraError, UserError
 from . import plan as plans
 from .run_task import STOP_EARLY_FILE, error_text

@@ -13,7 +13,7 @@ about the numbers it does.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator, model_validator
 
@@ -42,6 +42,10 @@ class Result(_Lenient):
     best_test_epoch: Optional[Count] = None
     teacher_share: Optional[Fraction] = None
     last_train_top1: Optional[Percent] = None
+
+    def test_top1(self, at: Literal["last", "best"]) -> Optional[float]:
+        """Test top-1 at the last epoch, or at the epoch of the best validation top-1 (None without a validation split)."""
+        return self.last_test_top1 if at == "last" else self.test_at_best_val_top1
 
     def selected(self) -> Optional[float]:
         """Test top-1 at the epoch chosen on the selection split: validation when the run has one, else test."""
