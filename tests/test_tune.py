@@ -201,6 +201,26 @@ def test_an_interrupted_tuning_continues_where_it_stopped(config, tmp_path, monk
     assert [t.params for t in uninterrupted.trials] == [t.params for t in study.trials]
 
 
+def test_a_trial_that_finished_before_the_tuning_was_told_is_not_run_again(config, tmp_path, monkeypatch):
+    out = tmp_path / "D"
+    told = tune_module._Runner._finish
+
+    def killed_before_telling(self, item, outcome):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(tune_module._Runner, "_finish", killed_before_telling)
+    with pytest.raises(KeyboardInterrupt):
+        tune(config, [], "dml", SPACE, 1, out)
+    assert (out / "trials" / "dml-trial000" / "summary.json").is_file()
+    monkeypatch.setattr(tune_module._Runner, "_finish", told)
+    again = _Counting(monkeypatch)
+    tune(config, [], "dml", SPACE, 1, out)
+    trial = optuna.load_study(study_name="dml", storage=tune_module.storage(out)).trials[0]
+    assert again.calls == [] and trial.state.name == "COMPLETE"
+    summary = json.loads((out / "trials" / "dml-trial000" / "summary.json").read_text())
+    assert trial.value == pytest.approx(sum(n["last_val_top1"] for n in summary["networks"]) / 2)
+
+
 def test_a_hopeless_trial_is_pruned_on_its_validation_accuracy_and_stopped(config, tmp_path, monkeypatch):
     """A pruner that gives up on every trial at its first report: each run is stopped through its folder after
     its first evaluated epoch, checkpointed, and recorded as pruned, never as finished."""

@@ -26,9 +26,10 @@ import json
 import logging
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .. import config as cfg
 from ..records.folder import atomic_write_text, read_metrics
@@ -188,30 +189,22 @@ def tune(config_path: str | Path | None, overrides: Sequence[str] | None, method
         return _write_results(tuning, studies)
 
 
-class _only_tuner:
+@contextmanager
+def _only_tuner(out: Path) -> Iterator[None]:
     """One tuner per DIR at a time (two would run the same unfinished trial twice): a lock file, held while tuning."""
+    import fcntl
 
-    def __init__(self, out: Path):
-        self.path = out / LOCK
-
-    def __enter__(self):
-        import fcntl
-
-        self.handle = open(self.path, "a")
+    with open(out / LOCK, "a") as handle:  # closing it releases the lock
         try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self.handle.close()
-            raise TuneError(f"another kdarena tune is running in {self.path.parent}; wait for it, or tune into another --out") from None
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.close()  # closing releases the lock
+            raise TuneError(f"another kdarena tune is running in {out}; wait for it, or tune into another --out") from None
+        yield
 
 
 def storage(out: Path):
-    """The studies of the tuning folder ``out``: Optuna's journal file ``out/study.journal`` (appends only, so a
-    tuning killed mid-write loses at most its last line)."""
+    """The studies of the tuning folder ``out``: Optuna's journal file ``out/study.journal`` (a file beside the
+    trials, so the folder is the whole tuning, on any shared file system a Ray cluster writes its runs to)."""
     import_optuna()
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -256,7 +249,7 @@ class _Runner:
             study = self.studies[spec.label]
             # trials left running by an interrupted tuning: resumed first, with their parameters
             stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING][:per_round]
-            for frozen in stale:
+            for frozen in stale:  # Optuna's handle of a trial asked by an earlier process is Trial(study, its id)
                 batch.append(self._trial(spec, optuna.trial.Trial(study, frozen._trial_id), dict(frozen.params),
                                          set(frozen.intermediate_values)))
             for _ in range(min(per_round - len(stale), self.tuning.trials - len(study.trials))):
@@ -277,6 +270,12 @@ class _Runner:
         return item
 
     def _train(self, batch: list[_Trial]) -> None:
+        for item in batch:
+            if (item.run_dir / "summary.json").is_file():  # it finished, but the tuning stopped before it was told
+                self._finish(item, {"summary": {}, "action": "skipped"})
+        batch = [item for item in batch if not item.done]
+        if not batch:
+            return
         by_name = {item.name: item for item in batch}
         finished = threading.Event()
         watcher = threading.Thread(target=self._watch, args=(batch, finished), daemon=True)
