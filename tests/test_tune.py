@@ -221,14 +221,16 @@ def test_a_trial_that_finished_before_the_tuning_was_told_is_not_run_again(confi
     assert trial.value == pytest.approx(sum(n["last_val_top1"] for n in summary["networks"]) / 2)
 
 
-def test_a_hopeless_trial_is_pruned_on_its_validation_accuracy_and_stopped(config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_hopeless_trial_is_pruned_on_its_validation_accuracy_and_stopped(config, tmp_path, monkeypatch, jobs):
     """A pruner that gives up on every trial at its first report: each run is stopped through its folder after
-    its first evaluated epoch, checkpointed, and recorded as pruned, never as finished."""
+    its first evaluated epoch, checkpointed, and recorded as pruned, never as finished; in this process or,
+    with --jobs 2, two trials at once in worker processes."""
     monkeypatch.setattr(optuna.pruners, "MedianPruner", lambda: optuna.pruners.ThresholdPruner(lower=101.0))
     monkeypatch.setattr(tune_module, "POLL_S", 0.05)
     out = tmp_path / "D"
     with pytest.raises(TuneError, match="no trial of dml finished"):
-        tune(config, ["optim.epochs=12"], "dml", SPACE, 2, out)
+        tune(config, ["optim.epochs=12"], "dml", SPACE, 2, out, jobs=jobs)
     text = (out / "tune.md").read_text()
     study = optuna.load_study(study_name="dml", storage=tune_module.storage(out))
     assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]

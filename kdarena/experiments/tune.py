@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .. import config as cfg
-from ..records.folder import atomic_write_text, read_metrics
+from ..records.folder import atomic_write_text, is_finished, read_metrics
 from ..errors import MissingExtraError, UserError
 from . import plan as plans
 from .run_task import STOP_EARLY_FILE, error_text
@@ -271,7 +271,7 @@ class _Runner:
 
     def _train(self, batch: list[_Trial]) -> None:
         for item in batch:
-            if (item.run_dir / "summary.json").is_file():  # it finished, but the tuning stopped before it was told
+            if is_finished(item.run_dir):  # it finished, but the tuning stopped before it was told
                 self._finish(item, {"summary": {}, "action": "skipped"})
         batch = [item for item in batch if not item.done]
         if not batch:
