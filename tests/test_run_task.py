@@ -47,3 +47,34 @@ def test_the_task_sees_the_drivers_stop_file(tmp_path):
     assert stop.wait(10 * STOP_POLL_S)
     watcher.join(5)
     assert not watcher.is_alive()
+
+
+def _a_bug_of_ours(*args, **kwargs):
+    return {}["no such key"]
+
+
+def test_a_bug_inside_a_sweeps_run_shows_its_traceback_in_the_sweeps_log(tmp_path, monkeypatch, caplog, capsys):
+    from kdarena.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("name: tiny\n")
+    monkeypatch.setattr("kdarena.trainer.train", _a_bug_of_ours)
+    code = main(["sweep", str(config), *OVERRIDES, "--methods", "independent", "--seeds", "0", "--out", str(tmp_path / "exp")])
+    assert code == 2  # the sweep ends as before: one line, and the index says which run failed and why
+    assert "KeyError: 'no such key'" in capsys.readouterr().err.splitlines()[-1]
+    (failure,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    text = failure.getMessage()
+    assert text.startswith("independent-seed0 failed: KeyError: 'no such key'\nTraceback (most recent call last):")
+    assert "in _a_bug_of_ours" in text and text.endswith("KeyError: 'no such key'")
+
+
+def test_a_users_mistake_inside_a_sweeps_run_stays_one_line(tmp_path, monkeypatch):
+    from kdarena.errors import UserError
+
+    def refuse(*args, **kwargs):
+        raise UserError("data.root /nowhere does not exist; give the folder of the images")
+
+    monkeypatch.setattr("kdarena.trainer.train", refuse)
+    outcome = execute_run(cfg.to_dict(cfg.load(None, OVERRIDES)), str(tmp_path / "run"))
+    assert outcome["error"] == "UserError: data.root /nowhere does not exist; give the folder of the images"
+    assert "traceback" not in outcome

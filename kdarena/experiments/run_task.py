@@ -10,10 +10,12 @@ import logging
 import platform
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from .. import config as cfg
+from ..errors import UserError
 
 log = logging.getLogger("kdarena")
 
@@ -42,7 +44,8 @@ def error_text(error: BaseException) -> str:
 def execute_run(config: dict[str, Any], run_dir: str, stop_requested: threading.Event | None = None) -> dict[str, Any]:
     """Train one run; returns its outcome as plain data, which crosses process and node boundaries
     (exceptions, with their tracebacks and types, do not always): exactly one of ``summary``, ``error``
-    (the run failed by itself: a bad config, a non-finite stop), ``interrupted`` (SIGINT/SIGTERM or
+    (the run failed by itself: a bad config, a non-finite stop; with ``traceback``, its text, when the failure is
+    a bug of ours and not a :class:`~kdarena.errors.UserError`), ``interrupted`` (SIGINT/SIGTERM or
     ``stop_requested``; the run checkpointed first) or ``stopped_early`` (:data:`STOP_EARLY_FILE` appeared
     in the run folder; checkpointed too), and ``action`` (resumed/restarted/trained), ``seconds`` (wall
     time), ``node``."""
@@ -66,6 +69,8 @@ def execute_run(config: dict[str, Any], run_dir: str, stop_requested: threading.
         outcome["stopped_early" if (path / STOP_EARLY_FILE).is_file() else "interrupted"] = str(stopped)
     except Exception as error:  # one failed run must not cost the others
         outcome["error"] = error_text(error)
+        if not isinstance(error, UserError):  # a bug keeps its traceback, as the CLI keeps it
+            outcome["traceback"] = traceback.format_exc()
     finally:
         finished.set()
         watcher.join()

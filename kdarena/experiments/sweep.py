@@ -309,7 +309,7 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
             say(f"{head} interrupted; run the same sweep again to resume")
         elif "error" in outcome:  # one failed run must not cost the others
             plan.status, plan.error = "failed", outcome["error"]
-            log.error("%s failed: %s", name, plan.error)
+            log.error("%s failed: %s%s", name, plan.error, "\n" + outcome["traceback"].rstrip() if "traceback" in outcome else "")
             say(f"{head} FAILED ({plan.error})")
         else:
             summary, action = outcome["summary"], outcome["action"]
