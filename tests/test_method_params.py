@@ -97,3 +97,12 @@ def test_the_method_list_is_explicit_and_ordered():
     assert registry.names()[: len(BUILT_IN)] == [cls.name for cls in BUILT_IN]
     assert registry.names()[:3] == ["independent", "dml", "cd"]  # baselines first
     assert load(None, []).method.name == registry.DEFAULT
+
+
+@pytest.mark.parametrize("name", ["dml", "cd"])
+def test_two_runs_that_differ_in_temperature_or_alpha_are_described_differently(name):
+    cls = registry.get(name)
+    assert cls(temperature=4.0).describe({"enabled": False}) == f"{AT_DEFAULTS[name].replace(', no perturbation', '')}, T 4.0" + (
+        ", no perturbation" if name == "cd" else "")
+    assert cls(alpha=0.5, beta=1.0).describe({"enabled": False}).startswith(f"{AT_DEFAULTS[name].replace(', no perturbation', '')}, α 0.5, β 1.0")
+    assert cls(temperature=1.0).describe() == cls().describe()  # at its default an option is not named

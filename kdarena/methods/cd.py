@@ -130,8 +130,7 @@ class CompetitiveDistillation(Distiller):
             parts.append(f"ramp-up {p.rampup}")
         if p.selection != "own-batch":
             parts.append(f"selection {p.selection}")
-        if p.beta:
-            parts.append(f"β {p.beta}")
+        parts += self.distillation_parts()
         perturb = perturb or {}
         if perturb.get("enabled"):
             ops = perturb.get("ops")

@@ -76,8 +76,15 @@ class Distiller(GroupMethod):
             totals = totals + p.beta * series["feat"]
         return GroupLosses.of(totals, ce, teacher_index, weights, **series)
 
+    #: the distillation options a description names when they differ from their defaults, and their symbols
+    DESCRIBED = {"temperature": "T", "alpha": "α", "beta": "β"}
+
+    def distillation_parts(self) -> list[str]:
+        """``T 4.0``, ``α 0.5``, ``β 1.0``: each distillation option not at its default (two runs that differ in one
+        differ in their description; at the defaults, nothing)."""
+        fields = type(self.params).model_fields
+        return [f"{symbol} {getattr(self.params, key)}" for key, symbol in self.DESCRIBED.items()
+                if getattr(self.params, key) != fields[key].default]
+
     def describe(self, perturb=None) -> str:
-        parts = [self.name]
-        if self.params.beta:
-            parts.append(f"β {self.params.beta}")
-        return ", ".join(parts)
+        return ", ".join([self.name, *self.distillation_parts()])
