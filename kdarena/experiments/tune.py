@@ -22,10 +22,7 @@
 """
 from __future__ import annotations
 
-import json
-import logging
 import threading
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,20 +31,17 @@ from typing import Any, Iterator, Sequence
 from .. import config as cfg
 from ..records.folder import atomic_write_text, is_finished, read_metrics
 from ..errors import MissingExtraError, UserError
-from . import plan as plans
-from .run_task import STOP_EARLY_FILE, error_text
+from .run_task import STOP_EARLY_FILE
 from .stats import mean
 from .sweep import MethodSpec, config_difference, make_engine, parse_methods
-from .tune_space import corners, describe, overrides, parse_space
+from .tune_results import TABLE, write_results
+from .tune_space import corners, describe, overrides, params_text, parse_space
 
-log = logging.getLogger("kdarena")
 
 OBJECTIVES = ("last", "best")
 PRUNERS = ("median", "halving", "none")
 JOURNAL = "study.journal"
 LOCK = "tune.lock"
-PLAN = "plan.yaml"
-TABLE = "tune.md"
 #: seconds between the tuner's looks at its running trials' epoch records
 POLL_S = 0.5
 
@@ -186,7 +180,10 @@ def tune(config_path: str | Path | None, overrides: Sequence[str] | None, method
         except KeyboardInterrupt:
             print(f"tuning interrupted; the same command again resumes the unfinished trials and runs the rest ({tuning.out})")
             raise
-        return _write_results(tuning, studies)
+        text, missing = write_results(tuning, studies)
+    if missing:
+        raise TuneError(f"no trial of {', '.join(missing)} finished (see {tuning.out / TABLE}); the plan is not written")
+    return text
 
 
 @contextmanager
@@ -315,7 +312,7 @@ class _Runner:
         optuna = import_optuna()
         state = optuna.trial.TrialState
         study = self.studies[item.label]
-        head = f"[{item.label} {item.trial.number + 1}/{self.tuning.trials}] {item.name} ({_params_text(item.params)}):"
+        head = f"[{item.label} {item.trial.number + 1}/{self.tuning.trials}] {item.name} ({params_text(item.params)}):"
         if "interrupted" in outcome:
             print(f"{head} interrupted", flush=True)
             return
@@ -338,75 +335,3 @@ class _Runner:
                 item.trial.set_user_attr("error", outcome.get("error", "unknown"))
                 study.tell(item.trial, state=state.FAIL)
                 print(f"{head} FAILED ({outcome.get('error')})", flush=True)
-
-
-def _params_text(params: dict[str, Any]) -> str:
-    return ", ".join(f"{key}={json.dumps(value) if not isinstance(value, float) else f'{value:.4g}'}"
-                     for key, value in params.items()) or "defaults"
-
-
-# ----------------------------------------------------------------------------- what it gives back
-def _write_results(tuning: Tuning, studies: dict[str, Any]) -> str:
-    optuna = import_optuna()
-    state = optuna.trial.TrialState
-    epochs = tuning.base.optim.epochs
-    at = "the last epoch" if tuning.objective == "last" else "its best epoch"
-    lines = [f"Tuning on validation: each method {tuning.trials} trials of {epochs} epochs (the same budget), "
-             f"TPE sampler (seed {tuning.seed}), {tuning.pruner} pruner; value = validation top-1 (mean over the "
-             f"group's networks) at {at}. Space: " + ", ".join(f"{k}={v}" for k, v in describe(tuning.space).items()), "",
-             "| method | trials | finished | pruned | failed | best validation top-1 | best trial | its parameters |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
-    chosen: dict[str, plans.PlannedMethod] = {}
-    for spec in tuning.specs:
-        study = studies[spec.label]
-        trials = study.get_trials(deepcopy=False)
-        count = {s: sum(t.state == s for t in trials) for s in (state.COMPLETE, state.PRUNED, state.FAIL)}
-        best = study.best_trial if count[state.COMPLETE] else None
-        lines.append(f"| {spec.label} | {len(trials)} | {count[state.COMPLETE]} | {count[state.PRUNED]} | {count[state.FAIL]} | "
-                     + (f"{best.value:.2f} | {best.number} | {_params_text(best.params)} |" if best else "- | - | - |"))
-        if best is not None:
-            chosen[spec.label] = plans.PlannedMethod(overrides=spec.overrides + overrides(best.params),
-                                                     validation_top1=round(best.value, 4), trial=best.number, params=best.params)
-    notes = _plots(tuning.out, studies)
-    lines += [""] + [f"- {note}" for note in notes]
-    missing = [spec.label for spec in tuning.specs if spec.label not in chosen]
-    if missing:
-        lines.append(f"No trial of {', '.join(missing)} finished: no plan is written.")
-    else:
-        plan = plans.Plan(objective=tuning.objective, config=cfg.to_dict(tuning.base), methods=chosen)
-        path = tuning.out / PLAN
-        atomic_write_text(path, plans.dump(plan, "kdarena tune's plan: each method at its tuned best, chosen on validation top-1.\n"
-                                                 f"Confirm on fresh seeds: kdarena confirm {path} --seeds 100-109"))
-        lines.append(f"Plan: {path} (confirm on fresh seeds: kdarena confirm {path} --seeds 100-109)")
-    text = "\n".join(lines).rstrip() + "\n"
-    atomic_write_text(tuning.out / TABLE, text)
-    if missing:
-        raise TuneError(f"no trial of {', '.join(missing)} finished (see {tuning.out / TABLE}); the plan is not written")
-    return text
-
-
-def _plots(out: Path, studies: dict[str, Any]) -> list[str]:
-    """Optuna's optimisation history and parameter importances of each study as PNGs; returns one line per file
-    (or per plot that cannot be drawn, and why: too few finished trials, matplotlib missing)."""
-    try:
-        import matplotlib.pyplot as plt
-        from optuna.visualization import matplotlib as optuna_plots
-    except ImportError as error:
-        return [f"plots not drawn: {error} (pip install 'kdarena[tune]')"]
-    folder = out / "plots"
-    folder.mkdir(exist_ok=True)
-    notes = []
-    for label, study in studies.items():
-        for what, draw in (("history", optuna_plots.plot_optimization_history), ("importances", optuna_plots.plot_param_importances)):
-            path = folder / f"{label}-{what}.png"
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-                    axes = draw(study)
-                figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-                figure.savefig(path, dpi=110, bbox_inches="tight")
-                plt.close(figure)
-                notes.append(f"{label} {what}: {path}")
-            except (ValueError, RuntimeError, ZeroDivisionError) as error:
-                notes.append(f"{label} {what}: not drawn ({error_text(error)})")
-    return notes

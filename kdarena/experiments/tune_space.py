@@ -105,3 +105,8 @@ def describe(space: dict[str, Any]) -> dict[str, str]:
             kind = "int" if type(dist).__name__ == "IntDistribution" else ("loguniform" if dist.log else "uniform")
             out[key] = f"{kind}({dist.low}, {dist.high})"
     return out
+
+
+def params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={json.dumps(value) if not isinstance(value, float) else f'{value:.4g}'}"
+                     for key, value in params.items()) or "defaults"
