@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 from .config_errors import _FormattedError, _KeyValueError, format_error
 from .config_sources import apply_overrides, parse_override, read_yaml  # noqa: F401  (kdarena.config's API)
 from .data.registry import NAMES as DATA_NAMES
+from .data.sampling import groups_batches
 from .config_weights import ModelWeights, split_model_entries
 from .errors import ConfigError
 from .methods import registry as method_registry
@@ -243,7 +244,7 @@ class Config(_Section):
             key, message = error.args if len(error.args) == 2 else ("", str(error))
             raise _KeyValueError(f"method.{key}" if key else "method", getattr(self.method, key, None), message) from None
         m = self.data.samples_per_class
-        if m == 1 or (m and self.data.batch_size % m):
+        if not groups_batches(m, self.data.batch_size):
             raise _KeyValueError("data.samples_per_class", m, f"must be 0 (random batches) or >= 2 and divide data.batch_size="
                                  f"{self.data.batch_size}; e.g. data.samples_per_class=2")
         if isinstance(self.data.val_size, float) and not 0 < self.data.val_size < 1:

@@ -104,3 +104,27 @@ def test_the_config_option_is_checked_and_reaches_the_training_loader():
     with pytest.raises(ConfigError, match=r"data.samples_per_class=16 leaves \d+ training samples in whole groups, fewer "
                                           "than one batch of 32; use a smaller data.batch_size"):
         build_data(cfg.load(None, small), torch.device("cpu"))
+
+
+def test_samples_per_class_is_one_rule_for_the_config_and_the_loader():
+    from kdarena.data.sampling import groups_batches
+
+    ds = _dataset()
+    for batch in (8, 9, 12):
+        for m in range(-1, 10):
+            accepted = groups_batches(m, batch)
+            assert accepted == (m == 0 or (m >= 2 and batch % m == 0)), (m, batch)
+            if m >= 0:
+                try:
+                    cfg.load(None, [f"data.batch_size={batch}", f"data.samples_per_class={m}"])
+                    config_ok = True
+                except ConfigError as error:
+                    config_ok = False
+                    assert "data.samples_per_class" in str(error) and f"divide data.batch_size={batch}" in str(error)
+                assert config_ok == accepted, (m, batch)
+            try:
+                TensorLoader(ds, batch, train=True, seed=0, per_class=m)
+                loader_ok = True
+            except ValueError:
+                loader_ok = False
+            assert loader_ok == accepted, (m, batch)

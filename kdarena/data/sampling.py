@@ -16,6 +16,11 @@ from __future__ import annotations
 import torch
 
 
+def groups_batches(per_class: int, batch_size: int) -> bool:
+    """The rule for ``per_class``: 0 (random batches), or >= 2 and a divisor of the batch size (whole groups per batch)."""
+    return per_class == 0 or (per_class >= 2 and batch_size % per_class == 0)
+
+
 def grouped_length(labels: torch.Tensor, per_class: int) -> int:
     """How many samples an epoch of class-grouped batches visits (the same every epoch)."""
     counts = torch.bincount(labels.to(torch.int64).cpu())

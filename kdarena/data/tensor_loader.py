@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..rng import keyed_seed, view_seed
 from .datasets import ArrayDataset
-from .sampling import epoch_order, grouped_length
+from .sampling import epoch_order, grouped_length, groups_batches
 
 __all__ = ["Batch", "TensorLoader", "epoch_generator", "epoch_seed", "view_seed"]
 
@@ -174,7 +174,7 @@ class TensorLoader(EpochLoader):
         per_class: int = 0,
     ) -> None:
         _check_common(batch_size, rank, world_size)
-        if per_class == 1 or per_class < 0 or (per_class and batch_size % per_class):
+        if not groups_batches(per_class, batch_size):
             raise ValueError(f"per_class must be 0 or >= 2 and divide batch_size {batch_size}, got {per_class}")
         if not 0 <= rotation <= 180:
             raise ValueError(f"rotation must lie in [0, 180] degrees, got {rotation}")
