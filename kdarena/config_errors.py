@@ -5,6 +5,7 @@ method's section with ``prefix=("method",)``) into that line.
 """
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -113,8 +114,13 @@ def _owner_hint(root: type[BaseModel] | None, loc: tuple) -> str:
     return f" for method {name}{belongs}"
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 4, 4, 4, 60, 60
+
+
 def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    """A bounded repr: ``repr()`` of a YAML alias bomb expanded it in full (100 % CPU, memory without end)."""
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

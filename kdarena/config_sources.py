@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from . import safe_files
 from .errors import ConfigError
 from .methods import registry as method_registry
 
@@ -24,10 +25,65 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip() or any(not p for p in path):
         raise ConfigError(f"override {text!r} has an empty key (e.g. optim.lr=0.05)")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = _load_bounded(value, f"override {key.strip()}") if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     return path, parsed
+
+
+# A config is kilobytes and a few hundred values; YAML aliases can make 1 KB expand without end (a
+# "billion laughs" value of `name` once grew 35 MB/s while an error message printed it), and deep
+# nesting overflows the parser's recursion. Every YAML text kdarena reads is checked against these first.
+MAX_YAML_BYTES = 1 << 20
+MAX_VALUES = 100_000  # values counted as if every alias were written out
+MAX_DEPTH = 64
+
+
+def check_bounds(value: Any, where: str) -> None:
+    """Refuse (one line) a value that expands past :data:`MAX_VALUES` or nests past :data:`MAX_DEPTH`;
+    the walk stops at the limit, so an alias bomb costs at most that many steps."""
+    count, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError(f"{where} expands to more than {MAX_VALUES} values (YAML aliases that repeat one another?); "
+                              "write the config out without & and * aliases")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{where} is nested more than {MAX_DEPTH} levels deep; a kdarena config has a few levels")
+        if isinstance(node, dict):
+            stack.extend((item, depth + 1) for pair in node.items() for item in pair)
+        elif isinstance(node, (list, tuple)):
+            stack.extend((item, depth + 1) for item in node)
+
+
+class _DepthBoundLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stopping at :data:`MAX_DEPTH` while it composes (its composer recurses:
+    100,000 brackets were a RecursionError, and slow to reach)."""
+
+    where = ""
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise ConfigError(f"{self.where} is nested more than {MAX_DEPTH} levels deep; a kdarena config has a few levels")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _load_bounded(text: str, where: str) -> Any:
+    """``yaml.safe_load`` bounded in depth and expansion (``yaml.YAMLError`` for bad syntax, as safe_load)."""
+    loader = _DepthBoundLoader(text)
+    loader.where = where
+    try:
+        value = loader.get_single_data()
+    finally:
+        loader.dispose()
+    check_bounds(value, where)
+    return value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -84,11 +140,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"config file {str(path)!r} cannot be read as UTF-8 text: {error}") from None
+        text = safe_files.read_text(path, MAX_YAML_BYTES)
+    except safe_files.SafeFileError as error:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {error}") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = _load_bounded(text, f"config file {str(path)!r}") or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

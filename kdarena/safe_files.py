@@ -116,7 +116,7 @@ def read_text(path: PathLike, limit: int, encoding: str = "utf-8") -> str:
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as error:
-        raise SafeFileError(f"{os.fspath(path)} is not {encoding} text (byte {error.start}); it is not a file kdarena "
+        raise SafeFileError(f"{os.fspath(path)} is not {encoding.upper()} text (byte {error.start}); it is not a file kdarena "
                             "wrote, or it is damaged") from None
 
 

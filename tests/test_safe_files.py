@@ -59,7 +59,7 @@ def test_a_link_to_dev_zero_and_a_folder_are_refused(tmp_path):
 def test_text_that_is_not_utf8_is_one_line(tmp_path):
     path = tmp_path / "x.json"
     path.write_bytes(b"ok\xff")
-    with pytest.raises(SafeFileError, match=r"x.json is not utf-8 text \(byte 2\)"):
+    with pytest.raises(SafeFileError, match=r"x.json is not UTF-8 text \(byte 2\)"):
         read_text(path, 10)
 
 
