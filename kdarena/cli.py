@@ -172,7 +172,7 @@ def _cmd_train(args) -> int:
         summary = train(config, run_dir=run_dir, resume=bool(args.resume), force=args.force)
     except Interrupted as stop:
         print(f"kdarena: {stop}", file=sys.stderr)
-        return 130
+        return 128 + stop.signum
     if summary.get("networks"):
         from .records.summary import Summary
 

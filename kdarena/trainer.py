@@ -47,7 +47,12 @@ __all__ = ["Interrupted", "NonFiniteLossError", "Trainer", "train"]
 
 
 class Interrupted(Exception):
-    """Raised after a SIGINT/SIGTERM once a checkpoint has been written."""
+    """Raised after a SIGINT/SIGTERM once a checkpoint has been written; ``signum`` is the signal that stopped
+    the run, so the command line exits 128 + it as a shell does (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 class Trainer:
@@ -319,7 +324,7 @@ class Trainer:
         if stop:
             if not saved:
                 self.save()
-            raise Interrupted(f"stopped by signal {stop} at step {loop.global_step}; resume with --resume {self.run_dir}")
+            raise Interrupted(f"stopped by signal {stop} at step {loop.global_step}; resume with --resume {self.run_dir}", stop)
         return False
 
     def _write_step_log(self) -> None:

@@ -1,6 +1,8 @@
 """Only bad input is a one-line "user error" (exit 2); a bug of ours keeps its traceback."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -113,3 +115,19 @@ def test_a_model_timm_does_not_have_is_a_user_error(monkeypatch, tmp_path, capsy
     config.write_text(cfg.dump(cfg.load(None, TINY)))
     assert main(["train", str(config), "models=[timm:resnet19]", "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.strip().startswith("kdarena: error: bad value in 'models': timm has no model 'resnet19'")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_checkpoints_and_exits_128_plus_its_number(tmp_path, monkeypatch, capsys, sig, code):
+    # SIGTERM exited 130, SIGINT's code (issue 37): a job scheduler reading the status saw a Ctrl-C
+    config = tmp_path / "c.yaml"
+    config.write_text(cfg.dump(cfg.load(None, TINY)))
+    losses = Independent.losses
+
+    def signalled(self, step):
+        os.kill(os.getpid(), sig)  # caught by the trainer's handler: acted on after this step
+        return losses(self, step)
+
+    monkeypatch.setattr(Independent, "losses", signalled)
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == code
+    assert f"stopped by signal {int(sig)} at step 1;" in capsys.readouterr().err
