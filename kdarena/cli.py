@@ -138,10 +138,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _engine_options(parser: argparse.ArgumentParser) -> None:
-    """Where the runs of a sweep, a tuning or a confirmation train (kdarena.experiments.sweep.make_engine)."""
+    """Where the runs of a sweep, a tuning or a confirmation train (the registry kdarena.experiments.engines)."""
+    from .experiments import engines
+
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once in separate processes (each gets cores/jobs threads "
                         "unless train.threads is set); several small runs fill a GPU")
-    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+    parser.add_argument("--engine", choices=engines.names(), default="local",
                         help="where the runs train: local (this machine, --jobs at once) or ray (a Ray cluster; pip install 'kdarena[ray]')")
     parser.add_argument("--address", help="--engine ray: the cluster to join (auto, HOST:PORT, ray://HOST:10001); default: Ray embedded here")
     parser.add_argument("--gpus-per-run", type=float, help="--engine ray: GPUs each run asks for (0.25: four runs share a GPU); default 1 for a CUDA run")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .. import config as cfg
+from .engines import SweepError
 from .run_task import execute_run
 
 
@@ -17,6 +18,14 @@ class LocalEngine:
 
     def __init__(self, jobs: int = 1):
         self.jobs = jobs
+
+    @classmethod
+    def from_options(cls, jobs: int, address: str | None, gpus_per_run: float | None) -> "LocalEngine":
+        if address is not None or gpus_per_run is not None:
+            raise SweepError("--address and --gpus-per-run are the Ray engine's; add --engine ray")
+        if jobs < 1:
+            raise SweepError(f"--jobs must be >= 1, got {jobs}")
+        return cls(jobs)
 
     def prepare(self, config: cfg.Config) -> None:
         """Parallel runs share the cores: unless the config says otherwise, each gets cores // jobs threads

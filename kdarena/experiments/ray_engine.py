@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 from .. import config as cfg
 from ..errors import UserError
+from .engines import SweepError
 from .run_task import error_text, execute_run
 
 #: times Ray runs a task again after its node or worker died (a run's own failure is never retried)
@@ -127,6 +128,13 @@ class RayEngine:
         self.address = address
         self.gpus_per_run = gpus_per_run
         self.ray = import_ray(embedded=address is None)  # fails before anything is planned or trained
+
+    @classmethod
+    def from_options(cls, jobs: int, address: str | None, gpus_per_run: float | None) -> "RayEngine":
+        if jobs != 1:
+            raise SweepError("--jobs is the local engine's; with --engine ray as many runs train at once as the cluster "
+                             "has resources for (set train.threads, --gpus-per-run)")
+        return cls(address, gpus_per_run)
 
     def prepare(self, config: cfg.Config) -> None:
         """One thread unless the config says otherwise (the task asks Ray for as many CPUs); no per-epoch bars

@@ -26,11 +26,11 @@ from typing import Any, Sequence
 
 from .. import config as cfg
 from ..methods import registry as method_registry
-from ..errors import UserError
 from ..records import read as run_folders
 from ..records.folder import config_path, is_finished, sweep_index_path, write_json
 from ..records.summary import Summary
 from ..records.sweep_index import SweepIndex, SweepMethod, SweepRun
+from .engines import SweepError, make_engine
 from .run_task import next_action
 
 log = logging.getLogger("kdarena")
@@ -42,10 +42,6 @@ def presets() -> dict[str, list[str]]:
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _SEED_SUFFIX = re.compile(r"-seed\d+$")
-
-
-class SweepError(UserError):
-    """A sweep cannot run as asked, or some of its runs failed; the message says which."""
 
 
 @dataclass
@@ -215,29 +211,6 @@ def _write_index(exp_dir: Path, config_path, overrides, specs: list[MethodSpec],
     write_json(path, index.as_written())
 
 
-ENGINES = ("local", "ray")
-
-
-def make_engine(engine: str = "local", jobs: int = 1, address: str | None = None, gpus_per_run: float | None = None):
-    """Where the runs execute: ``local`` (this machine: one by one, or ``jobs`` at once) or ``ray`` (a Ray cluster)."""
-    if engine == "local":
-        if address is not None or gpus_per_run is not None:
-            raise SweepError("--address and --gpus-per-run are the Ray engine's; add --engine ray")
-        if jobs < 1:
-            raise SweepError(f"--jobs must be >= 1, got {jobs}")
-        from .local_engine import LocalEngine
-
-        return LocalEngine(jobs)
-    if engine == "ray":
-        if jobs != 1:
-            raise SweepError("--jobs is the local engine's; with --engine ray as many runs train at once as the cluster "
-                             "has resources for (set train.threads, --gpus-per-run)")
-        from .ray_engine import RayEngine
-
-        return RayEngine(address, gpus_per_run)
-    raise SweepError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-
-
 def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = None,
               methods: str | Sequence[str] = "independent,dml,cd", seeds: str | Sequence[int] = "0,1,2",
               out: str | Path | None = None, jobs: int = 1, engine: str = "local", address: str | None = None,
@@ -245,7 +218,7 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
     """Run every method x seed into one experiment directory; returns the index's run records.
 
     The plan (which runs, skipped / resumed / restarted, the index, the lines printed) is made here;
-    ``engine`` only says where each run trains (:func:`make_engine`). ``jobs > 1`` trains that many
+    ``engine`` only says where each run trains (:func:`~kdarena.experiments.engines.make_engine`). ``jobs > 1`` trains that many
     runs at once in separate processes; results are the same as one by one, and as on Ray.
     """
     from tqdm.auto import tqdm
