@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--trials", type=int, required=True, help="trials per method (the same for every method)")
     tune.add_argument("--epochs", type=int, help="epochs of every trial (default: the config's optim.epochs)")
     tune.add_argument("--objective", choices=["last", "best"], default="last",
-                      help="a trial's value: validation top-1 of its last epoch (default) or of its best epoch")
+                      help="a trial's value: validation top-1 (mean over the networks) at the last epoch (default) or at each network's best epoch")
     tune.add_argument("--pruner", choices=["median", "halving", "none"], default="median",
                       help="stop hopeless trials on their per-epoch validation top-1: median (default), halving (successive halving), none")
     tune.add_argument("--seed", type=int, help="the samplers' seed (default: the config's seed)")

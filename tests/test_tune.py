@@ -4,6 +4,7 @@ pruning through the run folder, the plan, and its confirmation frozen by its has
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import threading
 import time
@@ -92,9 +93,10 @@ def test_the_objective_reads_validation_accuracy_only():
     records = [{"epoch": 0, "net0/train_top1": 50.0},  # not evaluated
                {"epoch": 1, "net0/val_top1": 60.0, "net1/val_top1": 70.0, "net0/test_top1": 99.0, "net1/test_top1": 99.0},
                {"epoch": 2, "net0/val_top1": 64.0, "net1/val_top1": 62.0, "net0/test_top1": 1.0, "net1/test_top1": 1.0}]
-    curve = validation_curve(records, 2)
-    assert curve == [(1, 65.0), (2, 63.0)]
-    assert tune_module.objective_value(curve, "last") == 63.0 and tune_module.objective_value(curve, "best") == 65.0
+    assert validation_curve(records, 2) == [(1, 65.0), (2, 63.0)]  # what the pruner sees
+    assert tune_module.objective_value(records, 2, "last") == 63.0
+    assert tune_module.objective_value(records, 2, "best") == 67.0  # each network at its own best epoch: 64 and 70
+    assert tune_module.objective_value(records[:1], 2, "last") is None
     assert validation_curve([{"epoch": 1, "net0/test_top1": 90.0, "net1/test_top1": 90.0}], 2) == []
 
 
@@ -318,3 +320,9 @@ def test_a_baseline_compares_every_other_method_with_it_bonferroni_over_their_nu
     assert f"| dml − cd | 3 | +1.83 | [{1.8333 - half:+.2f}, {1.8333 + half:+.2f}] |" in text
     assert "| dml-copy − cd | 3 | +1.83 |" in text and "dml − dml-copy" not in text
     assert "97.5 % intervals: Bonferroni-corrected for 2 comparisons" in text
+    # a plan tuned on each network's best epoch is confirmed at it: test_at_best_val_top1 (0.0 in every run here)
+    best_plan, best_out = tmp_path / "best.yaml", tmp_path / "best"
+    best_plan.write_text(yaml.safe_dump({**plan, "objective": "best"}))
+    shutil.copytree(out, best_out, ignore=shutil.ignore_patterns(confirm_module.HASH_FILE, "*.md", "*.yaml"))
+    text = confirm(best_plan, "0-2", baseline="cd", out=best_out)
+    assert "| dml − cd | 3 | +0.00 |" in text and "epoch of each network's best validation top-1" in text

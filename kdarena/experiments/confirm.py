@@ -103,7 +103,7 @@ def _report(plan: plans.Plan, out: Path, seeds: list[int], pairs: list[tuple[str
         nets = [n.test_top1(plan.objective) for n in run.summary.networks]
         if run.label in values and run.seed in wanted and all(isinstance(v, (int, float)) for v in nets):
             values[run.label][run.seed] = mean(nets)
-    epoch = "last epoch" if plan.objective == "last" else "epoch of the best validation top-1"
+    epoch = "last epoch" if plan.objective == "last" else "epoch of each network's best validation top-1"
     k = len(pairs)
     lines = [f"Confirmation of {plan_path} (sha256 {digest[:12]}) on seeds {_seeds_text(seeds)}: test top-1 (mean over "
              f"the group's networks) at the {epoch}, the epoch the tuning chose on.", "",

@@ -4,9 +4,9 @@
 
 * Each method has its own Optuna study (TPE sampler, seeded) and the same budget: ``N`` trials of ``E``
   epochs (``optim.epochs`` of the config without ``--epochs``), on the same space (:mod:`.tune_space`).
-* A trial's value is the validation top-1, mean over the group's networks, of the last epoch (``--objective
-  last``) or of its best epoch (``best``). Test accuracy is never read; a config without a validation split
-  is refused before anything trains.
+* A trial's value is the validation top-1, mean over the group's networks, at the last epoch (``--objective
+  last``) or at each network's best epoch (``best``). Test accuracy is never read; a config without a
+  validation split is refused before anything trains.
 * Hopeless trials are pruned on their per-epoch validation top-1 (Optuna's median pruner, or successive
   halving): the tuner reads each running trial's epoch records as they are written, and a pruned run is
   stopped through its folder (:data:`~.run_task.STOP_EARLY_FILE`), so the budget goes to promising trials.
@@ -59,21 +59,33 @@ def import_optuna():
 
 
 # ----------------------------------------------------------------------------- reading a trial
-def validation_curve(records: Sequence[dict[str, Any]], networks: int) -> list[tuple[int, float]]:
-    """``(epoch, validation top-1)`` of every evaluated epoch, the top-1 a mean over the group's ``networks``
-    (``net0``...). Only ``net{i}/val_top1`` is read: the test split never decides anything here."""
+def validation_top1(records: Sequence[dict[str, Any]], networks: int) -> list[tuple[int, list[float]]]:
+    """``(epoch, [validation top-1 of net0, net1, ...])`` of every evaluated epoch of a group of ``networks``.
+    Only ``net{i}/val_top1`` is read: the test split never decides anything here."""
     keys = [f"net{i}/val_top1" for i in range(networks)]
-    curve = []
+    out = []
     for record in records:
         values = [record.get(key) for key in keys]
         if isinstance(record.get("epoch"), int) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            curve.append((record["epoch"], mean(values)))
-    return curve
+            out.append((record["epoch"], [float(v) for v in values]))
+    return out
 
 
-def objective_value(curve: Sequence[tuple[int, float]], objective: str) -> float:
-    """The last evaluated epoch's value (``last``), or the highest (``best``)."""
-    return curve[-1][1] if objective == "last" else max(value for _, value in curve)
+def validation_curve(records: Sequence[dict[str, Any]], networks: int) -> list[tuple[int, float]]:
+    """``(epoch, validation top-1 mean over the group's networks)``: what the pruner sees, epoch by epoch."""
+    return [(epoch, mean(values)) for epoch, values in validation_top1(records, networks)]
+
+
+def objective_value(records: Sequence[dict[str, Any]], networks: int, objective: str) -> float | None:
+    """A trial's value, mean over the group's networks: each network's validation top-1 at the last epoch (``last``)
+    or at its own best epoch (``best``, the epoch whose test accuracy a run reports as '@ best val'); None when
+    no epoch was evaluated on a validation split."""
+    epochs = validation_top1(records, networks)
+    if not epochs:
+        return None
+    if objective == "last":
+        return mean(epochs[-1][1])
+    return mean([max(values[i] for _, values in epochs) for i in range(networks)])
 
 
 # ----------------------------------------------------------------------------- the tuning
@@ -319,13 +331,12 @@ class _Runner:
         with self.lock:
             item.done = True
             if "summary" in outcome:
-                curve = validation_curve(read_metrics(item.run_dir), len(item.config.models))
-                if not curve:
+                value = objective_value(read_metrics(item.run_dir), len(item.config.models), self.tuning.objective)
+                if value is None:
                     item.trial.set_user_attr("error", "the run recorded no validation accuracy")
                     study.tell(item.trial, state=state.FAIL)
                     print(f"{head} FAILED (no validation accuracy in its records)", flush=True)
                     return
-                value = objective_value(curve, self.tuning.objective)
                 study.tell(item.trial, value)
                 print(f"{head} validation top-1 {value:.2f} in {outcome.get('seconds', 0.0):.1f} s", flush=True)
             elif "stopped_early" in outcome:

@@ -24,7 +24,7 @@ def write_results(tuning: Any, studies: dict[str, Any]) -> tuple[str, list[str]]
 
     state = optuna.trial.TrialState
     epochs = tuning.base.optim.epochs
-    at = "the last epoch" if tuning.objective == "last" else "its best epoch"
+    at = "the last epoch" if tuning.objective == "last" else "each network's best epoch"
     lines = [f"Tuning on validation: each method {tuning.trials} trials of {epochs} epochs (the same budget), "
              f"TPE sampler (seed {tuning.seed}), {tuning.pruner} pruner; value = validation top-1 (mean over the "
              f"group's networks) at {at}. Space: " + ", ".join(f"{k}={v}" for k, v in describe(tuning.space).items()), "",
