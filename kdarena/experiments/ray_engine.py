@@ -17,19 +17,24 @@
   not stopped after :data:`STOP_WAIT_S`): in Ray 2.60 a task that completes while it is being cancelled
   can crash the driver ("Tried to complete task that was not pending"). The same command again skips
   finished runs and resumes the others.
-* ``--address HOST:PORT`` (or ``ray://HOST:PORT``) is tried with a plain TCP connection first: nothing
-  listening there is one line within seconds, not Ray's minutes of retries.
+* ``--address HOST:PORT`` (or ``ray://HOST:PORT``) is tried with a plain TCP connection and a gRPC handshake
+  first: nothing listening there, or a server that is not Ray, is one line within seconds, not Ray's minutes
+  of retries or an endless wait. A run that no node of the cluster can hold (more CPUs or GPUs than the
+  largest node has) is one line naming the resource before anything is submitted. SIGTERM is handled
+  as Ctrl-C.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .. import config as cfg
 from ..errors import UserError
@@ -46,6 +51,10 @@ STOP_WAIT_S = 120.0
 STOP_POLL_S = 0.5
 #: seconds to wait for a TCP connection to --address before saying nothing answers there
 CONNECT_TIMEOUT_S = 5.0
+#: seconds for the server at --address to complete a gRPC handshake (a Ray head answers in milliseconds)
+HANDSHAKE_TIMEOUT_S = 10.0
+#: the most GPUs one run may ask for (more than any node holds; 1e308 and -1 were tracebacks from Ray)
+MAX_GPUS_PER_RUN = 64
 
 log = logging.getLogger("kdarena")
 
@@ -106,25 +115,96 @@ def _probe(path: str, token: str) -> str | None:
     return None if found == token else "another file is at that path there (not the same folder)"
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of ``HOST:PORT`` or ``ray://HOST:PORT``; None for ``auto``; a one-line error for anything else
+    (``--address garbage`` was a traceback from inside Ray)."""
+    if address == "auto":
+        return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "://" in host or any(c.isspace() for c in host):
+        raise RayEngineError(f"--address {address!r}: give auto, HOST:PORT (the head's GCS, e.g. 10.0.0.5:6379) or "
+                             "ray://HOST:PORT (the Ray client server, e.g. ray://10.0.0.5:10001)")
+    return host.strip("[]"), int(port)
+
+
 def check_reachable(address: str) -> None:
-    """A one-line error when nothing accepts a TCP connection at ``address``'s HOST:PORT (``auto`` and other
-    forms without a port are left to Ray)."""
-    host, _, port = address.split("://", 1)[-1].rpartition(":")
-    if not host or not port.isdigit():
+    """A one-line error when nothing at ``address`` speaks Ray's protocol (``auto`` is left to Ray).
+
+    First a plain TCP connection (nothing listening: seconds, not Ray's minutes of retries), then a gRPC
+    handshake, which Ray's GCS and client server both answer: ``ray.init`` at a port where another server
+    listens (an HTTP server) waited forever without a word.
+    """
+    target = _host_port(address)
+    if target is None:
         return
+    host, port = target
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as error:
         raise RayEngineError(f"--address {address}: nothing answers at {host}:{port} ({error.strerror or error}); "
                              "start the cluster there (ray start --head) or fix the address") from None
+    import grpc  # Ray's own dependency
+
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=HANDSHAKE_TIMEOUT_S)
+    except grpc.FutureTimeoutError:
+        raise RayEngineError(f"--address {address}: something listens at {host}:{port}, but it is not a Ray cluster (no "
+                             f"gRPC handshake within {HANDSHAKE_TIMEOUT_S:.0f} s); give the address that ray start --head "
+                             "printed") from None
+    finally:
+        channel.close()
+
+
+def _placeable(wants: dict[str, float], nodes: list[dict[str, Any]]) -> bool:
+    return any(n["Resources"].get("CPU", 0) >= wants["num_cpus"] and n["Resources"].get("GPU", 0) >= wants["num_gpus"]
+               for n in nodes)
+
+
+def check_placeable(name: str, wants: dict[str, float], nodes: list[dict[str, Any]], gpus_per_run: float | None) -> None:
+    """A run no node of the cluster can hold waits forever in Ray (it only logs "infeasible"): one line naming what
+    it asks for and what the largest node has. (A cluster that adds nodes on demand should be started with them.)"""
+    if _placeable(wants, nodes):
+        return
+    cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
+    gpus = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
+    if wants["num_gpus"] > gpus:
+        why = f"--gpus-per-run {gpus_per_run:g}" if gpus_per_run else "train.device=cuda"
+        fix = "lower --gpus-per-run" if gpus and gpus_per_run else "set train.device=cpu, or join a cluster with GPUs"
+        raise RayEngineError(f"run {name} asks for {wants['num_gpus']:g} GPU(s) ({why}), but no node of the cluster has "
+                             f"that many (the most on one node: {gpus:g}); {fix}")
+    raise RayEngineError(f"run {name} asks for {wants['num_cpus']:g} CPUs (train.threads), but no node of the cluster has "
+                         f"that many (the most on one node: {cpus:g}); lower train.threads")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what ``kill``, systemd and schedulers send) handled as Ctrl-C: the runs checkpoint and stop.
+    It aborted the driver before, leaving the runs unstopped. Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class RayEngine:
     name = "ray"
 
     def __init__(self, address: str | None = None, gpus_per_run: float | None = None):
-        if gpus_per_run is not None and not (0 < gpus_per_run <= 1 or float(gpus_per_run).is_integer()):
-            raise RayEngineError(f"--gpus-per-run must be a fraction in (0, 1] or a whole number of GPUs, got {gpus_per_run}")
+        if gpus_per_run is not None and not (0 < gpus_per_run <= 1 or (float(gpus_per_run).is_integer()
+                                                                          and 1 <= gpus_per_run <= MAX_GPUS_PER_RUN)):
+            raise RayEngineError(f"--gpus-per-run must be a fraction in (0, 1] or a whole number of GPUs up to "
+                                 f"{MAX_GPUS_PER_RUN}, got {gpus_per_run}")
+        if address is not None:
+            _host_port(address)
         self.address = address
         self.gpus_per_run = gpus_per_run
         self.ray = import_ray(embedded=address is None)  # fails before anything is planned or trained
@@ -202,14 +282,20 @@ class RayEngine:
             self.check_storage(exp_dir)
             task = ray.remote(_run_on_node)
             gpus = ray.cluster_resources().get("GPU", 0)
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            wants = {name: self.resources(config, gpus) for name, config, _ in runs}
+            for name, asks in wants.items():
+                check_placeable(name, asks, nodes, self.gpus_per_run)
             stop_file = exp_dir / f".stop-{uuid.uuid4().hex}"  # this sweep's own: a stale one stops no later sweep
-            pending = {task.options(max_retries=RETRIES, **self.resources(config, gpus))
+            pending = {task.options(max_retries=RETRIES, **wants[name])
                        .remote(cfg.to_dict(config), str(run_dir.resolve()), str(stop_file)): name for name, config, run_dir in runs}
             try:
-                self._collect(pending, done)
-            except KeyboardInterrupt:
-                self._stop(pending, done, stop_file)
-                raise
+                with sigterm_as_interrupt():  # a second SIGTERM, like a second Ctrl-C, cuts the wait of _stop short
+                    try:
+                        self._collect(pending, done)
+                    except KeyboardInterrupt:
+                        self._stop(pending, done, stop_file)
+                        raise
             finally:
                 stop_file.unlink(missing_ok=True)
         finally:
