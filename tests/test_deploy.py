@@ -10,6 +10,8 @@ The export extra (safetensors, onnx, onnxscript, onnxruntime) is installed by `m
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import subprocess
 import sys
@@ -261,6 +263,24 @@ def test_predict_on_an_export_prints_a_table_and_csv(run, env, tmp_path, capsys)
     assert rows[0] == "image,label,class1,probability1,class2,probability2,class3,probability3"
     assert rows[1].startswith(f"{image},,") and len(rows) == 2
     assert "none labelled" in captured.err
+
+
+def test_predict_defaults_a_setting_the_card_lacks_to_the_configs_default(run, env, tmp_path, monkeypatch):
+    from kdarena.config import TrainConfig
+    predicting = importlib.import_module("kdarena.deploy.predict")  # (kdarena.deploy.predict is also the function)
+    from kdarena.deploy.export import export_run
+
+    out = tmp_path / "net.safetensors"
+    export_run(run, out)
+    card_path = Path(f"{out}.card.json")
+    card = json.loads(card_path.read_text())
+    del card["config"]["train"]["precision"], card["config"]["train"]["channels_last"], card["config"]["data"]["eval_batch_size"]
+    card_path.write_text(json.dumps(card))  # a card written by hand: its sha256 vouches for the model file only
+    used = []
+    monkeypatch.setattr(predicting, "autocast_context", lambda device, precision: used.append(precision) or contextlib.nullcontext())
+    result = predicting.predict(str(out), [str(env / "data" / "test")], progress=False)
+    assert result.counts["labelled"] == 24
+    assert set(used) == {TrainConfig.model_fields["precision"].default} == {"auto"}  # not fp32, the config says auto
 
 
 def test_a_streamed_folder_run_predicts_as_it_evaluates(env, tmp_path, capsys):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..config import DataConfig, TrainConfig
 from ..engine.evaluate import autocast_context
 from .errors import PredictError
 from .inputs import batches, gather
@@ -68,11 +69,13 @@ def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int |
     if batch_size is not None:
         _check_batch_size(batch_size, given=True)
     module, card = load_model(model, network=network, checkpoint=checkpoint)
-    train = card["config"].get("train", {}) if isinstance(card.get("config"), dict) else {}
+    config = card["config"] if isinstance(card.get("config"), dict) else {}
+    train, data = config.get("train") or {}, config.get("data") or {}
+    # a setting the card's config lacks (a card written by hand, or by an older kdarena) is the config's default
     if batch_size is None:
-        batch_size = _check_batch_size(card["config"].get("data", {}).get("eval_batch_size", 512), given=False)
-    channels_last = bool(train.get("channels_last", False))
-    precision = precision or train.get("precision", "fp32")
+        batch_size = _check_batch_size(data.get("eval_batch_size", DataConfig.model_fields["eval_batch_size"].default), given=False)
+    channels_last = bool(train.get("channels_last", TrainConfig.model_fields["channels_last"].default))
+    precision = precision or train.get("precision", TrainConfig.model_fields["precision"].default)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     images = gather(inputs, card["classes"], max_archive_gb)
