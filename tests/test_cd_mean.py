@@ -16,9 +16,9 @@ from kdarena.methods.cd_mean import CompetitiveMeanTeachers
 from kdarena.methods.registry import presets
 from kdarena.trainer import Trainer
 from reference import ce64
-from reference_arena import cd_mean64
-from test_arena import GRID, assert_isolated_given_means, random_logits
-from test_arena_train import TINY, assert_same, group_state
+from reference_kdcl_pcl_pskd import cd_mean64
+from test_kdcl_pcl_pskd import GRID, assert_isolated_given_means, random_logits
+from test_kdcl_pcl_pskd_train import TINY, assert_same, group_state
 
 
 @pytest.mark.parametrize("n,tau", GRID)

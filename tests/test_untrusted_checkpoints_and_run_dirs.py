@@ -3,7 +3,7 @@ overrides, a real full disk, a wrong ``data.root``, tracebacks that should be on
 checks that were looser than documented.
 
 Every test failed on the code before its fix. The counts in RELIABILITY.md come from this file
-and from ``tests/test_faults.py``.
+and from ``tests/test_runs_survive_faults.py``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from kdarena.engine import checkpoint as ckpt
 from kdarena.records.folder import read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_faults import (  # noqa: E402  (registers the faultnet model; _isolate is an autouse fixture)
+from test_runs_survive_faults import (  # noqa: E402  (registers the faultnet model; _isolate is an autouse fixture)
     FAULT, SLEEP_ENV, TINY, _isolate, assert_one_line_error, cli, launch, stopped_run,
     wait_for_training, write_cifar10, write_config, write_fashion,
 )

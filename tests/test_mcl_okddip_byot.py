@@ -12,7 +12,7 @@ from kdarena.methods import StepInput
 from kdarena.methods.byot import BeYourOwnTeacher
 from kdarena.methods.mcl import MutualContrastiveLearning, contrastive
 from kdarena.methods.okddip import OnlineDistillationDiversePeers
-from reference_round2 import byot64, mcl64, okddip64
+from reference_mcl_okddip_byot import byot64, mcl64, okddip64
 
 B, C, D = 6, 4, 5
 LABELS = torch.tensor([0, 1, 0, 2, 1, 3])  # class 2 and 3 once: anchors without a positive in VCL

@@ -26,7 +26,7 @@ pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_faults import _isolate, assert_one_line_error, cli, stopped_run  # noqa: E402
+from test_runs_survive_faults import _isolate, assert_one_line_error, cli, stopped_run  # noqa: E402
 from test_image_archives import bomb_png, tar_of, write_folder, zip_of  # noqa: E402
 
 from kdarena.data import cache_admin, image_cache  # noqa: E402

@@ -11,7 +11,7 @@ from kdarena.methods import KDCL, MethodContext, PeerCollaborativeLearning, Prog
 from kdarena.losses import sigmoid_rampup
 from kdarena.methods.temporal import ema_decay_at
 from reference import ce64
-from reference_arena import kdcl64, pcl64, pskd64
+from reference_kdcl_pcl_pskd import kdcl64, pcl64, pskd64
 
 GRID = list(itertools.product([2, 3, 4], [1.0, 4.0]))
 

@@ -11,7 +11,7 @@
 * numerical faults: a network whose weights turn NaN mid-training, under train.nonfinite
   skip / rebirth / stop.
 
-The counts in RELIABILITY.md come from this file (``pytest tests/test_faults.py``).
+The counts in RELIABILITY.md come from this file (``pytest tests/test_runs_survive_faults.py``).
 """
 from __future__ import annotations
 
@@ -536,7 +536,7 @@ def synthetic_fashion(folder: Path) -> Path:
 
 def launch(run_dir: Path, resume: bool, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
     """``python -m kdarena train`` in a subprocess (via kdarena.cli.main, with this file imported for faultnet)."""
-    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_faults; "
+    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_runs_survive_faults; "
             "from kdarena.cli import main; sys.exit(main(sys.argv[1:]))")
     args = ["train", "--resume", str(run_dir)] if resume else ["train", str(run_dir.parent / "run.yaml"), "--out", str(run_dir)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
