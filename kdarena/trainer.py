@@ -30,7 +30,7 @@ from .engine.device_skip import DeviceSkip
 from .engine.evaluate import autocast_context, epoch_line, evaluate_splits, resolve_precision
 from .engine.loop_state import LoopState
 from .engine.recovery import NonFiniteLossError, NonFinitePolicy
-from .engine.stop_signals import install_stop_handlers
+from .engine.stop_signals import Interrupted, install_stop_handlers
 from .engine.step_values import Packed, PendingValues, StepContext, StepValues, pack
 from .losses import cross_entropy
 from .group import Group
@@ -44,15 +44,6 @@ from .version import __version__
 log = logging.getLogger("kdarena")
 
 __all__ = ["Interrupted", "NonFiniteLossError", "Trainer", "train"]
-
-
-class Interrupted(Exception):
-    """Raised after a SIGINT/SIGTERM once a checkpoint has been written; ``signum`` is the signal that stopped
-    the run, so the command line exits 128 + it as a shell does (130 for SIGINT, 143 for SIGTERM)."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT):
-        super().__init__(message)
-        self.signum = int(signum)
 
 
 class Trainer:
