@@ -150,7 +150,7 @@ def test_predict_skips_what_is_not_an_image_and_says_so(run, tmp_path, capsys, c
 def test_exports_that_kdarena_does_not_load(run, tmp_path, capsys):
     script = tmp_path / "net.pt"
     assert main(["export", str(run), "--out", str(script)]) == 0  # TorchScript: a program
-    with pytest.raises(ExportError, match="is a torchscript export, a program kdarena does not load"):
+    with pytest.raises(ExportError, match="is a TorchScript export, a program kdarena does not load"):
         load_model(script)
     weights = tmp_path / "net.safetensors"
     assert main(["export", str(run), "--out", str(weights)]) == 0
@@ -208,3 +208,12 @@ def test_an_outsized_card_is_refused_unread(run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["predict", str(weights), str(run.parent / "data")]) == 2
     error_line(capsys, "over kdarena's limit", "it is not a file kdarena wrote")
+
+
+def test_an_onnx_file_given_as_weights_is_named_as_a_sentence_names_it(tmp_path):
+    from kdarena.engine.weights import WeightsError, read_weights
+
+    onnx_file = tmp_path / "net.onnx"
+    onnx_file.write_bytes(b"\x08\x07")
+    with pytest.raises(WeightsError, match="is an ONNX export, a program kdarena does not load"):  # was "is a ONNX"
+        read_weights(onnx_file)

@@ -16,6 +16,7 @@ from torch import nn
 from .. import models
 from ..engine.weights import apply_weights, read_safetensors
 from ..models.registry import TIMM_PREFIX
+from ..records.card import FORMAT_IN_PROSE
 from .card import build_card, read_card, sha256_of
 from .errors import ExportError
 from .source import Ensemble, open_run
@@ -38,7 +39,7 @@ def load_model(path: str | Path, network: str = "best", checkpoint: str = "best"
         raise ExportError(f"{path} does not exist; give a file made by kdarena export or a run folder")
     card = read_card(path)
     if card["format"] != "safetensors":
-        raise ExportError(f"{path} is a {card['format']} export, a program kdarena does not load (load it with "
+        raise ExportError(f"{path} is {FORMAT_IN_PROSE[card['format']]} export, a program kdarena does not load (load it with "
                           f"{'torch.jit.load' if card['format'] == 'torchscript' else 'onnxruntime'} if you trust it); "
                           "kdarena.load_model takes the safetensors export or the run folder")
     channels = card["input"]["shape"][0]

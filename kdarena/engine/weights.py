@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..records.card import FORMAT_IN_PROSE
 from . import checkpoint as ckpt
 
 log = logging.getLogger("kdarena")
@@ -44,13 +45,13 @@ def is_safetensors(path: Path) -> bool:
 
 
 def _program_kind(path: Path) -> str | None:
-    """'TorchScript' or 'ONNX' for exported programs (never loaded as weights), else None."""
+    """'torchscript' or 'onnx' for exported programs (never loaded as weights), else None."""
     if path.suffix.lower() == ".onnx":
-        return "ONNX"
+        return "onnx"
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             if any("/code/" in name for name in archive.namelist()):
-                return "TorchScript"
+                return "torchscript"
     return None
 
 
@@ -106,7 +107,7 @@ def read_weights(path: str | Path, network: int = 0, where: str = "weights") -> 
         return state
     kind = _program_kind(path)
     if kind:
-        raise WeightsError(f"{where}={str(path)!r} is a {kind} export, a program kdarena does not load; start from the "
+        raise WeightsError(f"{where}={str(path)!r} is {FORMAT_IN_PROSE[kind]} export, a program kdarena does not load; start from the "
                            "safetensors export (kdarena export RUN --format safetensors) or the run's checkpoint")
     try:
         state = ckpt.safe_load(path, "cpu")

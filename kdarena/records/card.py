@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 CARD_VERSION = 1
 #: The formats of an exported file; ``run`` is a card built in memory for a network of a run folder.
 FILE_FORMATS = ("safetensors", "torchscript", "onnx")
+#: Each file format as a sentence names it, article included ("is an ONNX export").
+FORMAT_IN_PROSE = {"safetensors": "a safetensors", "torchscript": "a TorchScript", "onnx": "an ONNX"}
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
