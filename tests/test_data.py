@@ -19,7 +19,7 @@ from kdarena.data import (
     load_arrays,
     split_validation,
 )
-from kdarena.data.imagefolder import BadImageError, load_imagefolder
+from kdarena.data.imagefolder import BadImageError
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
@@ -145,7 +145,7 @@ def test_unknown_dataset_name():
         load_arrays("mnist_nope")
     msg = str(info.value)
     assert all(n in msg for n in DATASETS) and "imagefolder" in msg
-    with pytest.raises(ValueError, match="load_imagefolder"):
+    with pytest.raises(ValueError, match="load_image_set"):
         load_arrays("imagefolder")
 
 
@@ -378,8 +378,9 @@ def test_imagefolder_empty_and_split_dirs(tmp_path):
         ImageFolder(str(tmp_path / "missing"), 8)
     make_folder(tmp_path / "ds" / "train")
     make_folder(tmp_path / "ds" / "val")
-    train, val = load_imagefolder(str(tmp_path / "ds"), 12)
-    assert val is not None and val.classes == train.classes and len(val) == 6
+    train = ImageFolder(str(tmp_path / "ds" / "train"), 12)
+    val = ImageFolder(str(tmp_path / "ds" / "val"), 12, classes=train.classes)
+    assert val.classes == train.classes and len(val) == 6
 
 
 # ----------------------------------------------------------------------------- TensorLoader

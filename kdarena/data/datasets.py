@@ -3,8 +3,8 @@
 Every small data set (Fashion-MNIST, CIFAR-10/100, scikit-learn digits) is held as one
 ``uint8`` tensor of shape ``(N, C, H, W)`` plus ``int64`` labels; the loaders in
 :mod:`kdarena.data.tensor_loader` move that tensor to the training device once and do all
-augmentation there.  Large image folders go through :func:`kdarena.data.imagefolder.load_imagefolder`
-instead.
+augmentation there.  Folders and archives of images go through :func:`kdarena.data.images.load_image_set`
+(and are streamed from disk when they do not fit in memory).
 
 Where files are searched (:func:`search_dirs`), in order:
 

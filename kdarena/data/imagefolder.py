@@ -219,30 +219,3 @@ class ImageFolder(Dataset):
             if not self.samples:
                 raise BadImageError(f"image folder {self.root}: no readable image at all")
         return bad
-
-
-def load_imagefolder(
-    root: str,
-    image_size: int,
-    train_dir: str = "train",
-    val_dir: str = "val",
-    channels: int = 3,
-    skip_bad: bool = False,
-) -> tuple[ImageFolder, ImageFolder | None]:
-    """(train, val) image folders under ``root``.
-
-    With ``root/train_dir`` present it is the training folder and ``root/val_dir`` (if present)
-    the validation folder, read with the training classes.  Otherwise ``root`` itself is the
-    training folder (every sub-directory is a class) and val is None: the caller decides how to
-    hold out data.
-    """
-    root = os.path.abspath(os.path.expanduser(root))
-    tdir = os.path.join(root, train_dir)
-    if not os.path.isdir(tdir):
-        return ImageFolder(root, image_size, channels=channels, skip_bad=skip_bad), None
-    train = ImageFolder(tdir, image_size, channels=channels, skip_bad=skip_bad)
-    vdir = os.path.join(root, val_dir)
-    val = None
-    if os.path.isdir(vdir):
-        val = ImageFolder(vdir, image_size, channels=channels, skip_bad=skip_bad, classes=train.classes)
-    return train, val

@@ -42,10 +42,10 @@ def load_arrays(
     key = aliases.get(key, key)
     if key not in _LOADERS:
         hint = (
-            " Image folders are loaded with kdarena.data.load_imagefolder / ImageFolder and "
-            "FolderLoader, not load_arrays."
+            " Folders and archives of images are data.name=imagefolder (kdarena.data.images.load_image_set), "
+            "not load_arrays."
             if key == "imagefolder"
-            else " (for a folder of images, use 'imagefolder', which goes through load_imagefolder)."
+            else " (for a folder of images, use 'imagefolder')."
         )
         raise ConfigError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}.{hint}")
     return _LOADERS[key](root=root, download=download)
