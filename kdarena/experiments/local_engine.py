@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -43,10 +45,49 @@ class LocalEngine:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(execute_run, cfg.to_dict(config), str(run_dir)): name for name, config, run_dir in runs}
+        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=watch_parent, initargs=(os.getpid(),)) as pool:
+            futures = {pool.submit(run_in_worker, cfg.to_dict(config), str(run_dir)): name for name, config, run_dir in runs}
             for future in as_completed(futures):
                 _done_or_stop(done, futures[future], future.result())
+
+
+# A pool worker whose sweep process died (SIGKILL or SIGTERM) was orphaned: it trained even the queued
+# runs, never exited (~480 MB each) and held the run folders' locks, so an immediate rerun marked those
+# runs failed. Now a watcher thread in each worker sees the parent go, the run in progress checkpoints
+# after its step and stops (as on Ctrl-C), a queued run returns at once, and the worker exits.
+_PARENT_GONE = threading.Event()
+_RUN_STOPS: list[threading.Event] = []  # each run's own stop (the stop-early file sets it for that run only)
+_RUNNING = threading.Lock()
+PARENT_POLL_S = 0.5
+
+
+def watch_parent(parent: int) -> None:
+    """Pool initializer: start the watcher of the sweep's process (``parent``)."""
+    threading.Thread(target=_watch, args=(parent,), daemon=True, name="kdarena-parent-watch").start()
+
+
+def _watch(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    _PARENT_GONE.set()
+    for stop in list(_RUN_STOPS):
+        stop.set()
+    with _RUNNING:  # the run in progress has checkpointed and returned
+        os._exit(0)
+
+
+def run_in_worker(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """:func:`execute_run` in a pool worker, stopped (checkpointed) when the sweep's process is gone."""
+    stop = threading.Event()
+    _RUN_STOPS.append(stop)
+    if _PARENT_GONE.is_set():
+        stop.set()
+    try:
+        with _RUNNING:
+            return execute_run(config, run_dir, stop_requested=stop)
+    finally:
+        _RUN_STOPS.remove(stop)
 
 
 def _done_or_stop(done: Callable[[str, dict[str, Any]], None], name: str, outcome: dict[str, Any]) -> None:
