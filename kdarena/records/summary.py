@@ -8,8 +8,8 @@ the group (temporal means, a gated ensemble) are in ``extra``, each selected on 
 top-1. Then speed, perturbation counts and what the run ran on (config, versions, device, precision).
 
 The same :class:`Summary` checks the file for the trainer that writes it and for every reader
-(``kdarena report``, ``sweep``, the benchmarks' tables): lenient about keys it does not name, strict
-about the numbers it does.
+(``kdarena train``'s table, ``report``, ``sweep``, ``confirm``): lenient about keys it does not name,
+strict about the numbers it does.
 """
 from __future__ import annotations
 
@@ -111,8 +111,9 @@ def _release(version: str) -> tuple[int, int]:
 
 class Summary(_Lenient):
     """``summary.json``. Its schema is versioned by ``version``, the kdarena that wrote it: every release up
-    to this one writes these fields with these meanings (runs of 0.1 and 0.2 read); a run written by a newer
-    release is refused with one line naming its version (a field may mean something else there)."""
+    to this one writes these fields with these meanings (runs written by 0.2 read unchanged); a run written
+    by a newer release is refused with one line naming its version (a field may mean something else there).
+    A release that changes a field's meaning reads the older files here, by their ``version``."""
 
     epochs: Optional[Count] = None
     selection_split: Optional[Split] = None
@@ -132,7 +133,6 @@ class Summary(_Lenient):
     device_model: Optional[str] = None
     torch: Optional[str] = None
     data: Optional[DataCounts] = None
-
 
     @field_validator("version")
     @classmethod
