@@ -329,7 +329,7 @@ class Trainer:
     def _end_epoch(self, elapsed: float) -> None:
         cfg, loop = self.config, self.loop
         record: dict[str, Any] = {"epoch": loop.epoch, "step": loop.global_step, "lr": self.parts.optimizer.param_groups[0]["lr"]}
-        record.update(loop.stats.record())
+        record.update(loop.stats.record(teacher=self.method.has_teacher))
         if self.parts.mutations is not None:
             record.update(self.parts.mutations.pop_counts())
         record["epoch_seconds"] = elapsed

@@ -15,7 +15,7 @@ import torch
 from kdarena import __version__
 from kdarena.engine import checkpoint as ckpt
 from kdarena.cli import main
-from kdarena.config import ConfigError, load
+from kdarena.config import ConfigError, dump, load
 from kdarena.records.folder import read_metrics
 from kdarena.trainer import Trainer, train
 
@@ -348,3 +348,19 @@ def test_independent_training_is_never_perturbed(tmp_path):
     """No competition filters a perturbed batch: independent means plain training even with perturb.enabled."""
     summary = train(tiny("optim.epochs=1", "method.name=independent", "perturb.enabled=true", "perturb.every=1"), tmp_path / "r")
     assert summary["perturbed_steps"] == 0
+
+
+@pytest.mark.parametrize("method, teacher", [("dml", False), ("cd", True)])
+def test_teacher_share_is_shown_only_for_methods_that_pick_a_teacher(tmp_path, capsys, caplog, method, teacher):
+    # DML printed "teacher share [0.00 0.00]" each epoch and a column of 0.00 at the end (issue 37): it has no teacher
+    config = tmp_path / "c.yaml"
+    config.write_text(dump(load(None, TINY + [f"method.name={method}", "optim.epochs=1"])))
+    with caplog.at_level("INFO", logger="kdarena"):
+        assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 0
+    epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1:")]
+    assert len(epoch_lines) == 1 and ("teacher share [" in epoch_lines[0]) == teacher, epoch_lines
+    table = capsys.readouterr().out
+    assert ("teacher share" in table) == teacher, table
+    assert ("net0/teacher_share" in read_metrics(tmp_path / "run")[0]) == teacher
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert ("teacher_share" in on_disk["networks"][0]) == teacher

@@ -96,8 +96,9 @@ def evaluate_splits(group: Group, extra: dict[str, nn.Module], data, device: tor
 
 
 def epoch_line(record: dict, n: int) -> str:
-    """The one line logged per epoch: accuracies, teacher shares, speed."""
+    """The one line logged per epoch: accuracies, teacher shares (methods with a teacher), speed."""
     split = selection_split(record)
     accs = " ".join(f"{record[accuracy_key(f'net{i}', split)]:.2f}" for i in range(n) if accuracy_key(f"net{i}", split) in record)
-    shares = " ".join(f"{record[f'net{i}/teacher_share']:.2f}" for i in range(n))
-    return f"epoch {record['epoch'] + 1}: {split} top1 [{accs}] teacher share [{shares}] {record['images_per_s']:.0f} img/s"
+    shares = " ".join(f"{record[f'net{i}/teacher_share']:.2f}" for i in range(n) if f"net{i}/teacher_share" in record)
+    teacher = f" teacher share [{shares}]" if shares else ""
+    return f"epoch {record['epoch'] + 1}: {split} top1 [{accs}]{teacher} {record['images_per_s']:.0f} img/s"

@@ -54,8 +54,9 @@ class EpochStats:
         seen = max(self.sums["count"], 1.0)
         return 100.0 * sum(self.sums[f"hits_{i}"] for i in range(self.n)) / (self.n * seen)
 
-    def record(self) -> dict[str, Any]:
-        """The epoch's training numbers as keys of its :class:`~kdarena.records.epoch.EpochRecord`."""
+    def record(self, teacher: bool = True) -> dict[str, Any]:
+        """The epoch's training numbers as keys of its :class:`~kdarena.records.epoch.EpochRecord`; ``teacher``:
+        the method picks a teacher per step (else no teacher share is recorded: a DML share of 0.00 is no fact)."""
         n, count, steps = self.n, max(self.sums["count"], 1.0), max(self.steps, 1)
         record: dict[str, Any] = {}
         for i in range(n):
@@ -64,7 +65,8 @@ class EpochStats:
             for term in ("ce", "kd", "feat"):
                 if f"{term}_{i}" in self.sums:
                     record[f"net{i}/{term}"] = self.sums[f"{term}_{i}"] / steps
-            record[f"net{i}/teacher_share"] = self.teacher[i] / steps
+            if teacher:
+                record[f"net{i}/teacher_share"] = self.teacher[i] / steps
             record[f"net{i}/skipped_steps"] = self.skipped[i]
             record[f"net{i}/reborn"] = self.reborn[i]
         record["teacher_switches"] = self.switches

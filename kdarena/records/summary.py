@@ -158,12 +158,14 @@ class Summary(_Lenient):
     def table(self) -> str:
         """What ``kdarena train`` prints at the end: each network's last and selected test top-1."""
         split = self.selection_split or "test"
+        teacher = any(entry.teacher_share is not None for entry in self.networks)  # none for methods without a teacher
         lines = [f"run: {self.run_dir or ''}  epochs: {self.epochs}  images/s: {self.images_per_s:.0f}",
-                 f"{'network':<10} {'model':<14} {'last test':>10} {'best-' + split + ' test':>15} {'teacher share':>14}"]
+                 f"{'network':<10} {'model':<14} {'last test':>10} {'best-' + split + ' test':>15}"
+                 + (f" {'teacher share':>14}" if teacher else "")]
         models = (self.config.models if self.config else None) or []
         for i, entry in enumerate(self.networks):
             lines.append(f"{entry.name:<10} {models[i] if i < len(models) else '':<14} {entry.last_test_top1:>10.2f} "
-                         f"{entry.selected():>15.2f} {entry.teacher_share or 0:>14.2f}")
+                         f"{entry.selected():>15.2f}" + (f" {entry.teacher_share or 0:>14.2f}" if teacher else ""))
         ens = self.ensemble
         lines.append(f"{'ensemble':<10} {'':<14} {ens.last_test_top1:>10.2f} {ens.selected():>15.2f}")
         return "\n".join(lines)
@@ -205,7 +207,8 @@ def summarize(records: list[dict[str, Any]], n: int, **facts: Any) -> Summary:
     out: dict[str, Any] = {"epochs": len(records), "selection_split": split, "networks": []}
     for i in range(n):
         entry = _result(f"net{i}", evaluated, split)
-        entry["teacher_share"] = sum(r.get(f"net{i}/teacher_share", 0.0) for r in records) / len(records)
+        if any(f"net{i}/teacher_share" in r for r in records):  # recorded for methods that pick a teacher
+            entry["teacher_share"] = sum(r.get(f"net{i}/teacher_share", 0.0) for r in records) / len(records)
         entry["last_train_top1"] = records[-1].get(f"net{i}/train_top1")
         out["networks"].append(entry)
     out["ensemble"] = _result("ensemble", evaluated, split)
