@@ -31,6 +31,7 @@ from kdarena.experiments.report import write_report  # noqa: E402
 from kdarena.methods.registry import label_order  # noqa: E402
 from kdarena.experiments.stats import mean, paired_difference, sample_std  # noqa: E402
 from kdarena.experiments.sweep import run_sweep  # noqa: E402
+from kdarena.records.summary import Summary  # noqa: E402
 
 TIN = ROOT / "configs" / "benchmarks" / "map_tiny_imagenet.yaml"
 C10 = ROOT / "configs" / "benchmarks" / "map_cifar10.yaml"
@@ -120,7 +121,8 @@ def collect(cell_dir: Path) -> dict[str, dict[int, dict]]:
     found: dict[str, dict[int, dict]] = {}
     for path in sorted(cell_dir.glob("*-seed*/summary.json")):
         label, seed = path.parent.name.rsplit("-seed", 1)
-        found.setdefault(label, {})[int(seed)] = json.loads(path.read_text())
+        # checked by the model the trainer writes with (a damaged or out-of-range summary stops the map)
+        found.setdefault(label, {})[int(seed)] = Summary.model_validate(json.loads(path.read_text())).as_written()
     order = label_order()
     return {label: found[label] for label in sorted(found, key=lambda l: (order.index(l) if l in order else len(order), l))}
 

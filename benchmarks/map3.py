@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kdarena.experiments.stats import holm, mean, paired_difference, sample_std  # noqa: E402
+from kdarena.records.summary import Summary  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "map3"
 PREREGISTRATION = ROOT / "benchmarks" / "preregistration.md"
@@ -102,7 +103,8 @@ def load_results(cell: str, phase: int | str) -> dict[str, dict[int, dict]]:
     found: dict[str, dict[int, dict]] = {}
     for path in sorted((RESULTS / cell / folder(phase)).glob("*-seed*.json")):
         name, seed = path.stem.rsplit("-seed", 1)
-        found.setdefault(name, {})[int(seed)] = json.loads(path.read_text())
+        # checked by the model the trainer writes with (a damaged or out-of-range summary stops the tables)
+        found.setdefault(name, {})[int(seed)] = Summary.model_validate(json.loads(path.read_text())).as_written()
     return found
 
 
