@@ -79,3 +79,34 @@ def test_workers_stop_and_checkpoint_when_the_driver_is_killed(tmp_path, how):
         for pid in workers:  # on a failure: the orphans this test made
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_second_sweep_on_the_same_out_is_refused_and_the_first_finishes(tmp_path, capsys):
+    """M12: two drivers on one --out both exited 2 and sweep.json called the other's finished runs failed."""
+    from kdarena import cli
+
+    config = tmp_path / "jobs.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "optim": {"epochs": 8}}))
+    exp = tmp_path / "exp"
+    first = subprocess.Popen([sys.executable, "-m", "kdarena.cli", "sweep", str(config), "--methods", "dml,independent",
+                              "--seeds", "0", "--out", str(exp)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(exp.glob("*/metrics.jsonl")):
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+            time.sleep(0.2)
+        index_before = (exp / "sweep.json").read_text()
+        assert cli.main(["sweep", str(config), "--methods", "dml,independent", "--seeds", "0", "--out", str(exp)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"kdarena: error: run directory {exp} is in use by another kdarena run (PID {first.pid}); wait for it "
+                       "to end, or choose another directory with --out"]
+        assert first.poll() is None  # still training, untouched
+        output = first.communicate(timeout=600)[0]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, output
+    runs = json.loads((exp / "sweep.json").read_text())["runs"]
+    assert sorted(r["status"] for r in runs) == ["trained", "trained"], index_before

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 from .. import config as cfg
 from ..methods import registry as method_registry
 from ..records import read as run_folders
-from ..records.folder import config_path, is_finished, sweep_index_path, write_json
+from ..records.folder import config_path, is_finished, lock, sweep_index_path, write_json
 from ..records.summary import Summary
 from ..records.sweep_index import SweepIndex, SweepMethod, SweepRun
 from .engines import SweepError, make_engine
@@ -249,8 +249,12 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
             if diff:
                 raise SweepError(f"{plan.run_dir} was made with another config ({diff}); "
                                  f"choose another --out or move that run away")
+    held = None
     if main:
         exp_dir.mkdir(parents=True, exist_ok=True)
+        # One sweep per --out: a second driver is refused at once (two drivers both exited 2, and sweep.json
+        # called the other's finished runs failed). Released in the finally below, or by the kernel on exit.
+        held = lock(exp_dir)
     index()
     total = len(plans)
     number = {plan.name: k for k, plan in enumerate(plans, 1)}
@@ -304,6 +308,8 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
         raise
     finally:
         bar.close()
+        if held is not None:
+            held.close()
     failed = [p for p in plans if p.status == "failed"]
     stopped = sum(p.status == "interrupted" for p in plans)
     again = f"; {stopped} interrupted (the same command again resumes them)" if stopped else ""
