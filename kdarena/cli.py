@@ -152,16 +152,16 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_train(args) -> int:
     from . import config as cfg
+    from .records.folder import RunDirError, config_path
     from .trainer import Interrupted, train
 
     if args.resume:
         run_dir = Path(args.resume)
-        base = run_dir / "config.yaml"
+        base = config_path(run_dir)
         overrides = ([args.config] if args.config and "=" in args.config else []) + list(args.overrides)
         if args.config and "=" not in args.config and Path(args.config).resolve() != base.resolve():
             logging.getLogger("kdarena").info("resuming with the run's own config.yaml; %s is not used", args.config)
         if not base.is_file():
-            from .records.folder import RunDirError
 
             raise RunDirError(f"cannot resume: {run_dir} holds no run (no config.yaml)")
         config = cfg.load(base, overrides)

@@ -37,7 +37,7 @@ from .group import Group
 from .methods import GroupLosses, GroupMethod, StepInput
 from .perturb import GroupBatchNormSnapshot, Perturbation, frozen_bn_stats
 from .records.epoch import accuracy_key, selection_split
-from .records.folder import MetricsLog, atomic_write_text, config_path, prepare, read_metrics, summary_path, write_json
+from .records.folder import MetricsLog, atomic_write_text, checkpoint_path, config_path, prepare, read_metrics, summary_path, write_json
 from .records.summary import summarize
 from .version import __version__
 
@@ -119,7 +119,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     @property
     def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return checkpoint_path(self.run_dir).parent
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a checkpoint holds (exact resume: weights, optimizer, every RNG, the epoch's statistics)."""

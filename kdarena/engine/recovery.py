@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..records.folder import checkpoint_path
 from .stats import EpochStats
 
 log = logging.getLogger("kdarena")
@@ -36,7 +37,7 @@ class NonFinitePolicy:
     def __call__(self, bad: list[int], teacher: int, step: int, epoch: int, stats: EpochStats) -> None:
         """Networks ``bad`` had a non-finite loss at ``step`` (their update was already undone on the device)."""
         if self.policy == "stop":
-            last = self.run_dir / "checkpoints" / "last.pt"
+            last = checkpoint_path(self.run_dir)
             # point at a checkpoint only when one exists; optim.lr and train.nonfinite may change on resume
             where = (f"the last checkpoint is {last}; resume with --resume {self.run_dir} and a lower optim.lr, or"
                      if last.is_file() else "no checkpoint has been written yet; start again with a lower optim.lr, or")

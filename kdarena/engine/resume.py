@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from ..config import Config, ConfigError, flatten, marked_keys, to_dict
+from ..records.folder import checkpoint_path, config_path
 from ..version import __version__
 from .build import Parts
 from .checkpoint import FORMAT, CheckpointError, UnsafeCheckpointError, load, previous_path, rng_state, set_rng_state
@@ -53,7 +54,7 @@ def describe_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | N
 def check_overrides(run_dir: Path, current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """The changes a resume makes to the run's recorded config.yaml; refuse one that changes the run's meaning."""
     try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        saved = yaml.safe_load(config_path(run_dir).read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}  # unreadable: the caller's own checks report it
     if not isinstance(saved, dict):
@@ -149,7 +150,7 @@ def capture(config: Config, parts: Parts, loop: LoopState, world_size: int) -> d
 def restore(run_dir: Path, config: Config, parts: Parts, loop: LoopState, device: torch.device, is_main: bool,
             world_size: int) -> None:
     """Load the run's last (or previous) checkpoint into ``parts`` and ``loop``; nothing to do before the first one."""
-    state, path = load_for_resume(run_dir / "checkpoints" / "last.pt", device, is_main)
+    state, path = load_for_resume(checkpoint_path(run_dir), device, is_main)
     if state is None:
         # Stopped (e.g. killed) before its first checkpoint: nothing to restore, start from step 0.
         if is_main:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as cfg
+from ..records.folder import checkpoint_path
 from ..errors import UserError
 
 log = logging.getLogger("kdarena")
@@ -30,7 +31,7 @@ STOP_EARLY_POLL_S = 0.2
 def next_action(run_dir: Path) -> str:
     """How an unfinished run starts now: ``resumed`` from its last checkpoint, ``restarted`` (a folder holding
     a run without a checkpoint is moved aside, never deleted) or ``trained`` from scratch."""
-    if (run_dir / "checkpoints" / "last.pt").is_file():
+    if checkpoint_path(run_dir).is_file():
         return "resumed"
     return "restarted" if run_dir.exists() and any(run_dir.iterdir()) else "trained"
 
