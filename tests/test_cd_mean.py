@@ -116,3 +116,21 @@ def test_trains_reports_its_means_and_resumes_bitwise(tmp_path):
     full, resumed = group_state(tmp_path / "full"), group_state(split)
     assert_same(full["group"], resumed["group"], "group")
     assert_same(full["method"], resumed["method"], "method")  # the temporal means
+
+
+def test_eval_and_plots_show_the_temporal_means_and_plots_name_the_method(tmp_path):
+    # the report listed mean0/mean1 but `kdarena eval` and the accuracy plot left them out, and the plot's
+    # legend named the run's folder ("photos") rather than its method (issue 37)
+    from kdarena.engine.evaluation_cli import evaluate_checkpoint
+    from kdarena.experiments import plot
+
+    run_dir = tmp_path / "photos"
+    kdarena.train(load(None, TINY + ["method.name=cd-mean", "perturb.enabled=false", "optim.epochs=1", "train.precision=fp32",
+                                     "train.deterministic=true"]), run_dir=run_dir)
+    record = read_metrics(run_dir)[-1]
+    scored = evaluate_checkpoint(str(run_dir / "checkpoints" / "last.pt"), "test")
+    for name in ("net0", "net1", "mean0", "mean1"):  # the means restored from the checkpoint, scored as in training
+        assert scored[f"{name}/top1"] == pytest.approx(record[f"{name}/test_top1"], abs=1e-9), name
+    runs = plot._find_runs(run_dir)
+    assert [r.label for r in runs] == ["cd-mean (photos)"]
+    assert [name for name, _ in plot._accuracy_panels(plot._groups(runs))] == ["net0", "net1", "ensemble", "mean0", "mean1"]

@@ -5,11 +5,11 @@ from typing import Any
 
 from ..config import apply_overrides, validate
 from ..errors import ConfigError
-from ..methods import registry
+from ..methods import GroupMethod, MethodContext, registry
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .build import build_data_and_group
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_network
 
 
 def evaluate_checkpoint(path: str, split: str = "test", overrides: list[str] | None = None) -> dict[str, Any]:
@@ -28,4 +28,19 @@ def evaluate_checkpoint(path: str, split: str = "test", overrides: list[str] | N
                                    f"{str(error).splitlines()[0]}; evaluate it with the models and data.name it was trained with") from None
     results: dict[str, Any] = {"checkpoint": path, "epoch": state["epoch"], "split": split}
     results.update(evaluate(group, loader, device, config.train.precision))
+    for name, network in _method_networks(config, data, group, device, state).items():
+        for metric, value in evaluate_network(network, loader, device, config.train.precision).items():
+            results[f"{name}/{metric}"] = value
     return results
+
+
+def _method_networks(config, data, group, device, state: dict[str, Any]) -> dict[str, Any]:
+    """The networks the method scores each epoch besides the group's (cd-mean's temporal means, ONE's gated
+    ensemble), restored from the checkpoint's method state; none for a method without them."""
+    method = registry.build(config.method)
+    if type(method).eval_networks is GroupMethod.eval_networks:
+        return {}  # only such methods are set up (setting up KD would load its teacher, which eval does not need)
+    method.setup(MethodContext(data.num_classes, data.in_channels, device, list(group.networks)))
+    if state.get("method"):
+        method.load_state_dict(state["method"])
+    return method.eval_networks()

@@ -66,13 +66,22 @@ def _find_runs(path: Path) -> list[_Run]:
         if not records:
             continue
         label, seed = run_folders.label_and_seed(here, config)
-        runs.append(_Run(here, label, seed, records, config))
+        runs.append(_Run(here, _method_label(label, config), seed, records, config))
     keys = [(r.label, r.seed) for r in runs]
     if len(set(keys)) != len(keys):  # several experiments below PATH: qualify labels with the experiment
         for r in runs:
             parent = r.path.parent.relative_to(path) if r.path.parent != path else Path(path.name)
             r.label = f"{parent}/{r.label}"
     return runs
+
+
+def _method_label(folder_label: str, config: dict[str, Any]) -> str:
+    """A sweep's folder is named by its method preset (``cd-mean``); any other folder's name says nothing of
+    the method, which the legend must show: ``cd-mean (photos)``."""
+    method = (config.get("method") or {}).get("name")
+    if folder_label in method_registry.presets() or not isinstance(method, str):
+        return folder_label
+    return f"{method} ({folder_label})"
 
 
 def _groups(runs: list[_Run]) -> dict[str, list[_Run]]:
@@ -136,9 +145,19 @@ def _save(fig, path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- the plots
-def _accuracy(Figure, groups, colors, out: Path) -> str | None:
+def _accuracy_panels(groups) -> list[tuple[str, str]]:
+    """(name, record key) of each accuracy panel: the networks, their ensemble, then the networks a method
+    scores besides them (cd-mean's temporal means ``mean{i}``, ONE's ``gate_ensemble``)."""
     n = max(r.n for g in groups.values() for r in g)
     panels = [(f"net{i}", f"net{i}/test_top1") for i in range(n)] + ([("ensemble", "ensemble/test_top1")] if n > 1 else [])
+    shown = {name for name, _ in panels}
+    extra = sorted({key.split("/")[0] for g in groups.values() for r in g for record in r.records
+                    for key in record if key.endswith("/test_top1")} - shown)
+    return panels + [(name, f"{name}/test_top1") for name in extra]
+
+
+def _accuracy(Figure, groups, colors, out: Path) -> str | None:
+    panels = _accuracy_panels(groups)
     series = {(label, key): _series(group, key) for label, group in groups.items() for _, key in panels}
     last_epoch = max((s[0][-1] for s in series.values() if s[0]), default=0)
     if not last_epoch:
@@ -150,7 +169,7 @@ def _accuracy(Figure, groups, colors, out: Path) -> str | None:
     models = next(iter(groups.values()))[0].config.get("models") or []
     for c, (name, key) in enumerate(panels):
         idx = int(name[3:]) if name.startswith("net") else None
-        title = name + (f" ({models[idx]})" if idx is not None and idx < len(models) else " (mean softmax)")
+        title = name + (f" ({models[idx]})" if idx is not None and idx < len(models) else " (mean softmax)" if name == "ensemble" else "")
         for r in range(rows):
             ax = axes[r][c]
             lo_hi: list[float] = []
