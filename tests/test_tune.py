@@ -153,6 +153,15 @@ def test_the_same_command_again_runs_nothing(tuned, config, monkeypatch, capsys)
     assert counting.calls == [] and text == tuned["text"]
 
 
+def test_a_larger_budget_extends_every_study_by_the_missing_trials(config, tmp_path, monkeypatch):
+    out = tmp_path / "D"
+    tune(config, ["optim.epochs=1"], "dml,cd", SPACE, 1, out)
+    more = _Counting(monkeypatch)
+    text = tune(config, ["optim.epochs=1"], "dml,cd", SPACE, 2, out)
+    assert more.calls == [("dml-trial001", "trained"), ("cd-trial001", "trained")]
+    assert "| dml | 2 | 2 | 0 | 0 |" in text and "| cd | 2 | 2 | 0 | 0 |" in text
+
+
 def test_another_setup_in_the_same_folder_is_refused(tuned, config):
     with pytest.raises(TuneError, match="another setup .*space"):
         tune(config, [], "dml,cd", ["method.temperature=choice(1,2)", "optim.lr=loguniform(0.01,0.1)"], 3, tuned["out"])
