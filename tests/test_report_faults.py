@@ -339,3 +339,18 @@ def test_plot_never_blocks_on_a_metrics_fifo_and_fails_in_one_line_when_nothing_
     assert not (tmp_path / "exp" / "plots").exists()
     code, _, err, _ = cli(capsys, caplog, "plot", str(tmp_path / "missing"))
     assert_one_line_error(code, err, "missing is not a directory")
+
+
+def test_a_sweep_without_independent_runs_has_no_delta_columns(tmp_path, capsys, caplog):
+    # Δ is against independent; a sweep without it showed two columns of nothing but '-' (issue 37)
+    root = good_experiment(tmp_path / "exp", {"dml": GOOD["dml"]})
+    code, _, err, _ = cli(capsys, caplog, "report", str(root))
+    assert code == 0, err
+    md = (root / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method | network"))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["method", "network", "seeds", "last epoch", "@ best val"]
+    row = next(line for line in md.splitlines() if line.startswith("| dml ") and "net0" in line)
+    assert [c.strip() for c in row.strip("|").split("|")] == ["dml", "net0 (convnet)", "3", "71.33 ± 0.76", "71.67 ± 0.58"]
+    with_base = good_experiment(tmp_path / "both")
+    assert cli(capsys, caplog, "report", str(with_base))[0] == 0
+    assert "| Δ last |" in (with_base / "report.md").read_text().replace("  ", " ")

@@ -293,7 +293,8 @@ def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None
         md.append("")
         paired = {b: _paired(groups, b) for b in baselines if b in groups}
         base = groups.get("independent")
-        header = ["method", "network", "seeds", "last epoch", "Δ last", "@ best val", "Δ @ best val"]
+        deltas = base is not None
+        header = ["method", "network", "seeds", "last epoch", *["Δ last"] * deltas, "@ best val", *["Δ @ best val"] * deltas]
         if best_on_test:
             header.append("best test (selected on test)")
         rows = []
@@ -307,6 +308,8 @@ def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None
                     gain_last = mean(last) - mean(b_last) if last and b_last else None
                     gain_val = mean(at_val) - mean(b_val) if at_val and b_val else None
                 row = [label, name, str(len(group)), _pm(last), _f(gain_last, signed=True), _pm(at_val), _f(gain_val, signed=True)]
+                if not deltas:  # no independent runs here: the Δ columns would be nothing but '-'
+                    del row[6], row[4]
                 best_test = _values(group, index, "best_test_top1_selected_on_test")
                 if best_on_test:
                     row.append(_pm(best_test))
