@@ -7,7 +7,7 @@ bad value and the fix (the CLI prints it and exits with status 2).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
@@ -64,7 +64,8 @@ class DataConfig(_Section):
     val_seed: int = 0
     batch_size: int = Field(128, ge=1, description="per-process batch size")
     eval_batch_size: int = Field(512, ge=1, json_schema_extra=BOOKKEEPING)
-    crop_padding: Optional[int] = Field(None, ge=0, description="random-crop padding (default: 4 for CIFAR, 0 otherwise)")
+    crop_padding: Optional[int] = Field(None, ge=0, le=256, description="random-crop padding (default: 4 for CIFAR, 0 "
+                                        "otherwise); at most 256 pixels (1e6 asked for 512 TB)")
     flip: Optional[bool] = Field(None, description="random horizontal flip (default: on for CIFAR and image folders)")
     image_size: Optional[int] = Field(None, ge=8, description="image folders: resize (shorter side, area filter) and centre-crop "
                                       "size (default: the median of the images' shorter sides when at most 64 px, else 224; streamed folders: 224)")
@@ -142,13 +143,16 @@ class PerturbConfig(_Section):
         return op_params
 
 
+MAX_LR = 1e30
+
+
 class OptimConfig(_Section):
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0, json_schema_extra=RESUMABLE)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)  # AdamW's range
     epochs: int = Field(200, ge=1, json_schema_extra=RESUMABLE)
     schedule: Literal["cosine", "step", "multistep", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0)
@@ -156,6 +160,13 @@ class OptimConfig(_Section):
     step_size: int = Field(30, ge=1, description="step: epochs between decays")
     gamma: float = Field(0.1, gt=0, le=1)
     grad_clip: Optional[float] = Field(None, gt=0, description="clip each network's gradient norm")
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_fits_a_float32_step(cls, lr: float) -> float:
+        if lr > MAX_LR:  # the optimizer takes lr * grad in float32: 1e308 was an overflow traceback there
+            raise ValueError(f"must be at most {MAX_LR:g} (the optimizer's step is taken in float32)")
+        return lr
 
 
 class TrainConfig(_Section):

@@ -14,7 +14,7 @@ from .cifar import stored_as_image_files, with_cifar_statistics
 from .datasets import ArrayDataset
 from .registry import IMAGE_SETS, load_arrays
 from .sampling import grouped_length
-from .split import split_validation
+from .split import holdout_size, split_validation
 from .tensor_loader import TensorLoader
 
 CIFAR_LIKE = ("cifar10", "cifar100")
@@ -29,6 +29,15 @@ class DataBundle:
     num_classes: int
     in_channels: int
     classes: list[str]
+
+
+def validation_count(val_size: int | float, n: int) -> int:
+    """Samples ``data.val_size`` holds out of ``n``; one line when that leaves none to train on (a count, or a
+    fraction that rounds up to every sample: 0.9999999999999999 was a traceback)."""
+    try:
+        return holdout_size(val_size, n)
+    except ValueError:
+        raise ConfigError(f"data.val_size={val_size} leaves no training data ({n} samples); use a smaller value") from None
 
 
 def _normalisation_override(config: Config, sets: list[ArrayDataset]) -> None:
@@ -66,8 +75,7 @@ def _array_loaders(config: Config, device: torch.device, rank: int, world: int, 
         train = train.subset(order[: d.train_subset])
     val = None
     if d.val_size:
-        if (isinstance(d.val_size, int) and d.val_size >= len(train)):
-            raise ConfigError(f"data.val_size={d.val_size} leaves no training data ({len(train)} samples); use a smaller value")
+        validation_count(d.val_size, len(train))
         train, val = split_validation(train, d.val_size, d.val_seed)
     global_batch = d.batch_size * world
     if global_batch > len(train):
@@ -127,11 +135,11 @@ def _folder_loaders(config: Config, device: torch.device, rank: int, world: int)
     train_idx = list(range(len(train)))
     val_idx: list[int] = []
     if d.val_size:
-        from .split import holdout_size, stratified_holdout
+        from .split import stratified_holdout
         import numpy as np
 
         labels = np.array([label for _, label in train.samples])
-        k = holdout_size(d.val_size, len(labels))
+        k = validation_count(d.val_size, len(labels))
         keep, held = stratified_holdout(labels, k, d.val_seed)
         train_idx, val_idx = keep.tolist(), held.tolist()
     if d.train_subset is not None:
