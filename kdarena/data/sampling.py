@@ -27,6 +27,12 @@ def grouped_length(labels: torch.Tensor, per_class: int) -> int:
     return int((counts // per_class * per_class).sum())
 
 
+def starved_classes(labels: torch.Tensor, per_class: int) -> dict[int, int]:
+    """Classes (index -> count) with some samples but fewer than one group: class-grouped batches never visit them."""
+    counts = torch.bincount(labels.to(torch.int64).cpu()).tolist()
+    return {c: n for c, n in enumerate(counts) if 0 < n < per_class}
+
+
 def epoch_order(n: int, generator: torch.Generator, labels: torch.Tensor | None = None, per_class: int = 0) -> torch.Tensor:
     """Positions of the data set in the order the epoch visits them (int64, on the CPU)."""
     if per_class == 0:

@@ -32,9 +32,10 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..rng import keyed_seed, view_seed
 from .datasets import ArrayDataset
-from .sampling import epoch_order, grouped_length, groups_batches
+from .sampling import epoch_order, grouped_length, groups_batches, starved_classes
 
 __all__ = ["Batch", "TensorLoader", "epoch_generator", "epoch_seed", "view_seed"]
 
@@ -199,6 +200,13 @@ class TensorLoader(EpochLoader):
         self.dtype = dtype
         self.epoch = 0
         self.per_class = int(per_class) if self.train else 0
+        starved = starved_classes(dataset.labels, self.per_class) if self.per_class else {}
+        if starved:  # silently never trained before (classes of 1, 3 and 40 images in groups of 4 trained one)
+            named = ", ".join(f"{dataset.classes[c] if c < len(dataset.classes) else c} ({n} images)"
+                              for c, n in list(starved.items())[:5])
+            raise ConfigError(f"data.samples_per_class={self.per_class}: {len(starved)} class(es) of {dataset.name} have "
+                              f"fewer training images than one group and would never be trained: {named}; set "
+                              f"data.samples_per_class to at most {max(2, min(starved.values()))}, or to 0 for random batches")
         n = grouped_length(dataset.labels, self.per_class) if self.per_class else len(dataset)  # samples an epoch visits
         self._spans = batch_spans(n, batch_size, world_size, rank, self.drop_last)
         if self.train and self.drop_last and n < batch_size * world_size and n > 0:
