@@ -39,6 +39,8 @@ def _numbers_only(annotation: Any) -> bool:
     """int, float, their Optional/Union, and lists/tuples of them (no bool, str or Any anywhere)."""
     if annotation in (int, float):
         return True
+    if get_origin(annotation) is Annotated:  # a number with bounds, e.g. each of optim.betas
+        return _numbers_only(get_args(annotation)[0])
     args = [a for a in get_args(annotation) if a is not type(None) and a is not Ellipsis]
     return get_origin(annotation) in (Union, list, tuple) and bool(args) and all(_numbers_only(a) for a in args)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import models
-from ..config import Config, apply_overrides, validate
+from ..config import Config
 from ..data.build import DataBundle, build_data
 from ..engine import checkpoint as ckpt
 from ..engine.weights import apply_weights, network_state
@@ -116,7 +116,7 @@ def open_run(run_dir: str | Path, checkpoint: str = "best", network: str = "best
                           "on the test set; use --checkpoint last")
     path = checkpoint_path(run_dir, checkpoint)
     state = ckpt.load(path, required=ckpt.EVAL_KEYS)
-    config = validate(apply_overrides(state["config"], list(overrides)))
+    config = ckpt.stored_config(state, list(overrides), path)
     epoch, mid_epoch = int(state["epoch"]), bool(state.get("batch_in_epoch", 0))
     # the record of the checkpoint's epoch (the last one written, should an interrupted epoch have been redone)
     record = next((r for r in reversed(records) if r["epoch"] + 1 == epoch), None) if not mid_epoch else None

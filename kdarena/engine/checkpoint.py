@@ -24,6 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import Config, apply_overrides, parse_override, validate
+from ..data.registry import IMAGE_SETS
+from ..data.sources import ARCHIVE_SUFFIXES
 from ..errors import UserError
 
 FORMAT = 1
@@ -244,6 +247,39 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", required: t
     if not isinstance(state["group"], dict) or not isinstance(state.get("config", {}), dict):
         raise CheckpointError(f"checkpoint {str(path)!r} has no weights or config of the expected kind; use a checkpoint written by kdarena")
     return state
+
+
+def stored_config(state: dict[str, Any], overrides: list[str], path: str | Path) -> Config:
+    """The run's config from a checkpoint, read as untrusted input (``kdarena eval``, ``export``, ``predict RUN``).
+
+    A checkpoint is a file a user may be handed, and its config says where data is read and whether it is
+    fetched: ``data.download: true`` once created a folder of the file's choosing and started a download,
+    ``data.root: /`` walked the whole file system. So a download happens only when the user passes
+    ``data.download=true``, and an image set's root the user did not pass must hold a ``train/`` folder
+    (or be an archive) before anything under it is walked.
+    """
+    config = validate(apply_overrides(state["config"], list(overrides)))
+    given = _override_keys(overrides)
+    if "data.download" not in given:
+        config.data.download = False
+    root = config.data.root
+    if "data.root" not in given and root and config.data.name in IMAGE_SETS:
+        place = Path(root).expanduser()
+        if not ((place / "train").is_dir() or (place.is_file() and place.name.lower().endswith(ARCHIVE_SUFFIXES))):
+            raise CheckpointError(f"checkpoint {str(path)!r} names data.root={root}, which holds no train/ folder of "
+                                  f"{config.data.name} images; pass data.root=FOLDER (the data set the run was trained on)")
+    return config
+
+
+def _override_keys(overrides: list[str]) -> set[str]:
+    """The dotted keys ``overrides`` set, a section override's keys included (``data={root: x}`` sets data.root)."""
+    keys: set[str] = set()
+    for text in overrides:
+        path, value = parse_override(text)
+        keys.add(".".join(path))
+        if isinstance(value, dict):
+            keys.update(".".join(path + [str(k)]) for k in value)
+    return keys
 
 
 def rng_state() -> dict[str, Any]:

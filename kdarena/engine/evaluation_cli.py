@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import apply_overrides, validate
 from ..errors import ConfigError
 from ..methods import GroupMethod, MethodContext, registry
 from . import checkpoint as ckpt
@@ -14,7 +13,7 @@ from .evaluate import evaluate, evaluate_network
 
 def evaluate_checkpoint(path: str, split: str = "test", overrides: list[str] | None = None) -> dict[str, Any]:
     state = ckpt.load(path, required=ckpt.EVAL_KEYS)
-    config = validate(apply_overrides(state["config"], overrides or []))
+    config = ckpt.stored_config(state, overrides or [], path)
     info = dist_utils.DistInfo()
     device = dist_utils.resolve_device(config.train.device, info)
     data, group = build_data_and_group(config, device, info, registry.build(config.method).needs)
