@@ -336,7 +336,9 @@ class Trainer:
         last_epoch = loop.epoch + 1 == cfg.optim.epochs
         improved = False
         if (loop.epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
+            started = time.perf_counter()
             record.update(evaluate_splits(self.group, self.method.eval_networks(), self.data, self.device, self.precision))
+            record["eval_seconds"] = time.perf_counter() - started
             scores = [record[accuracy_key(f"net{i}", selection_split(record))] for i in range(self.n)]
             for i in range(self.n):
                 loop.best_val[i] = max(loop.best_val[i], scores[i])

@@ -84,7 +84,7 @@ def test_report_table(experiment):
     lines = text.splitlines()
     assert "mean ± sample std" in lines[0] and "best val" in lines[0]  # the legend comes first
     for column in ("method", "network", "seeds", "last epoch", "Δ last", "@ best val", "Δ @ best val", "teacher share",
-                   "perturbed net won", "wall time (s)", "images/s"):
+                   "perturbed net won", "seconds: train + eval = total", "images/s"):
         assert column in text
     assert "selected on test" not in text
     for method in METHODS.split(","):

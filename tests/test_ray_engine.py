@@ -40,7 +40,7 @@ EPOCHS = 12
 #: a run the interrupted-driver test stops: far longer than a stop takes to reach it, short enough to resume
 LONG_EPOCHS = 60
 #: what may differ between two runs of the same config: timings, paths and bookkeeping settings
-TIMING = ("wall_seconds", "images_per_s", "run_dir")
+TIMING = ("wall_seconds", "train_seconds", "eval_seconds", "total_seconds", "images_per_s", "run_dir")
 
 
 def _config(tmp: Path, epochs: int) -> Path:

@@ -261,6 +261,19 @@ def _run_mean(group: list[Run], key: str) -> float:
     return mean([float(getattr(r.summary, key)) for r in group])
 
 
+def _recorded(group: list[Run], key: str) -> bool:
+    """Every run of the group has ``key`` (summaries written before evaluation was timed have no eval_seconds)."""
+    return all(getattr(r.summary, key) is not None for r in group)
+
+
+def _seconds(group: list[Run]) -> str:
+    """``147.0 + 307.2 = 454.2``: train, evaluation and total seconds; the training time alone for older runs."""
+    train = _run_mean(group, "wall_seconds")
+    if not _recorded(group, "eval_seconds"):
+        return f"{train:.1f} + ? (not recorded)"
+    return f"{train:.1f} + {_run_mean(group, 'eval_seconds'):.1f} = {_run_mean(group, 'total_seconds'):.1f}"
+
+
 def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None = None, best_on_test: bool = False,
                  baselines: Sequence[str] | None = None) -> str:
     """Write ``report.md`` and ``report.csv`` into ``out`` (default: the first dir); return the Markdown.
@@ -332,6 +345,7 @@ def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None
                     "perturbed_won": won if teacher else "", "perturbed_steps": steps if teacher else "",
                     "perturbed_win_rate": _csv_num(won / steps) if teacher and steps else "",
                     "wall_seconds": _csv_num(_run_mean(group, "wall_seconds"), 1),
+                    **{key: _csv_num(_run_mean(group, key), 1) if _recorded(group, key) else "" for key in ("eval_seconds", "total_seconds")},
                     "images_per_s": _csv_num(_run_mean(group, "images_per_s"), 1),
                 })
                 for b in compared:
@@ -340,7 +354,7 @@ def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None
         md += _table(header, rows, align_right_from=2)
         md.append("")
 
-        header2 = ["method", "settings", "seeds", "teacher share (per network)", "perturbed net won", "wall time (s)", "images/s"]
+        header2 = ["method", "settings", "seeds", "teacher share (per network)", "perturbed net won", "seconds: train + eval = total", "images/s"]
         rows2 = []
         n_nets = 2
         for label, group in groups.items():
@@ -353,11 +367,11 @@ def write_report(dirs: Sequence[str | Path] | str | Path, out: str | Path | None
             else:
                 share, rate = "-", "-"
             rows2.append([label, _settings(group[0]), str(len(group)), share, rate,
-                          f"{_run_mean(group, 'wall_seconds'):.1f}", f"{_run_mean(group, 'images_per_s'):.0f}"])
+                          _seconds(group), f"{_run_mean(group, 'images_per_s'):.0f}"])
         md += _table(header2, rows2, align_right_from=2)
         md += ["", f"Teacher share = fraction of training steps a network was the teacher (CD only). Perturbed net won = "
                    f"fraction of perturbed steps where the network given the perturbed batch became the teacher "
-                   f"(chance ≈ 1/{n_nets} = {100.0 / max(n_nets, 1):.0f}%). Wall time = training time summed over epochs (evaluation excluded), mean over seeds; images/s = training images per second (median epoch), mean over seeds.", ""]
+                   f"(chance ≈ 1/{n_nets} = {100.0 / max(n_nets, 1):.0f}%). Seconds = training and evaluation time summed over epochs, and their total (start-up and data loading excluded), mean over seeds; images/s = training images per second (median epoch), mean over seeds.", ""]
         for b in baselines:
             md += _paired_table(b, paired[b]) if b in paired else [f"No paired differences vs **{b}** here: no run of {b} in this section.", ""]
     text = "\n".join(md).rstrip() + "\n"

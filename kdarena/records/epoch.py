@@ -4,7 +4,9 @@ Keys are ``epoch`` (0-based), ``step``, ``lr``, the training sums (``net{i}/trai
 ``net{i}/train_top1``, ``net{i}/ce|kd|feat``, ``net{i}/teacher_share``, ``perturb/{op}/count|won``,
 ...) and, on an evaluated epoch, ``{network}/{split}_{metric}`` for every network of the group,
 ``ensemble`` and the networks a method evaluates besides the group (``mean0``...), split ``val``
-(when the run has a validation split) and ``test``, metric ``top1``, ``top5``, ``loss``.
+(when the run has a validation split) and ``test``, metric ``top1``, ``top5``, ``loss``. Times:
+``epoch_seconds`` (the epoch's training), ``eval_seconds`` (its evaluation, on an evaluated epoch) and
+``wall_seconds`` (training seconds of every epoch so far, over resumes; evaluation excluded).
 """
 from __future__ import annotations
 

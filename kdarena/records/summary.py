@@ -120,7 +120,11 @@ class Summary(_Lenient):
     networks: list[Result]
     ensemble: Optional[Result] = None
     extra: Optional[dict[str, Result]] = None  # networks a method evaluates besides the group
-    wall_seconds: Amount = 0.0
+    wall_seconds: Amount = 0.0  # training only, as train_seconds (the name 0.2 wrote)
+    #: seconds spent training, evaluating, and both (start-up and data loading not included); absent in older summaries
+    train_seconds: Optional[Amount] = None
+    eval_seconds: Optional[Amount] = None
+    total_seconds: Optional[Amount] = None
     images_per_s: Amount = 0.0
     perturbed_steps: Count = 0
     perturbed_won: Count = 0
@@ -159,7 +163,7 @@ class Summary(_Lenient):
         """What ``kdarena train`` prints at the end: each network's last and selected test top-1."""
         split = self.selection_split or "test"
         teacher = any(entry.teacher_share is not None for entry in self.networks)  # none for methods without a teacher
-        lines = [f"run: {self.run_dir or ''}  epochs: {self.epochs}  images/s: {self.images_per_s:.0f}",
+        lines = [f"run: {self.run_dir or ''}  epochs: {self.epochs}  images/s: {self.images_per_s:.0f}{self.seconds_note()}",
                  f"{'network':<10} {'model':<14} {'last test':>10} {'best-' + split + ' test':>15}"
                  + (f" {'teacher share':>14}" if teacher else "")]
         models = (self.config.models if self.config else None) or []
@@ -169,6 +173,12 @@ class Summary(_Lenient):
         ens = self.ensemble
         lines.append(f"{'ensemble':<10} {'':<14} {ens.last_test_top1:>10.2f} {ens.selected():>15.2f}")
         return "\n".join(lines)
+
+    def seconds_note(self) -> str:
+        """``  seconds: 147 train + 307 evaluation = 454`` ('' for a summary written before they were recorded)."""
+        if self.eval_seconds is None or self.train_seconds is None or self.total_seconds is None:
+            return ""
+        return f"  seconds: {self.train_seconds:.0f} train + {self.eval_seconds:.0f} evaluation = {self.total_seconds:.0f}"
 
     def accuracy_note(self) -> str:
         """``; last test top-1 71.20 / 70.85 (ensemble 72.40)``: the tail of a sweep's line for a run ('' before any test)."""
@@ -219,7 +229,9 @@ def summarize(records: list[dict[str, Any]], n: int, **facts: Any) -> Summary:
         rows = [r for r in evaluated if accuracy_key(key, "test") in r]
         entry = _result(key, rows, split, top5=False)
         out.setdefault("extra", {})[key] = {k: entry[k] for k in ("name", "last_test_top1", "best_val_top1", "test_at_best_val_top1") if k in entry}
-    out["wall_seconds"] = records[-1].get("wall_seconds", 0.0)
+    out["wall_seconds"] = out["train_seconds"] = records[-1].get("wall_seconds", 0.0)
+    out["eval_seconds"] = sum(r.get("eval_seconds", 0.0) for r in records)
+    out["total_seconds"] = out["train_seconds"] + out["eval_seconds"]
     speeds = [r["images_per_s"] for r in records if r.get("images_per_s")]
     out["images_per_s"] = sorted(speeds)[len(speeds) // 2] if speeds else 0.0
     out["perturbed_steps"] = sum(r.get("perturbed_steps", 0) for r in records)
