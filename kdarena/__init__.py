@@ -5,7 +5,11 @@ and weight mutation), ``engine/`` (building the parts, checkpoints, run records,
 distributed helpers, the fused group, evaluation), ``experiments/`` (sweep, report, plot),
 ``data/`` and ``models/``; ``config.py`` is the schema and ``trainer.py`` the training loop.
 """
-from .group import Group, GroupOutput
+from .cpu_threads import prefer_passive_waiting
+
+prefer_passive_waiting()  # before torch is imported (below): OpenMP reads its wait policy once, as it loads
+
+from .group import Group, GroupOutput  # noqa: E402
 from .losses import MixedTarget, cross_entropy, feature_l2, kl_to_teacher
 from .methods import (
     CompetitiveDistillation,

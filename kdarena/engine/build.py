@@ -7,6 +7,8 @@ identical runs). The trainer, ``kdarena eval`` and the benchmarks all use it.
 """
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -15,6 +17,7 @@ from torch import nn
 
 from .. import models
 from ..config import Config, ConfigError
+from ..cpu_threads import choose_threads
 from ..data.build import DataBundle, build_data
 from ..errors import ModelSpecError
 from ..group import Group
@@ -28,6 +31,8 @@ from .distributed import DistInfo
 from .evaluate import resolve_precision
 from .schedule import build_scheduler
 from .weights import load_start_weights
+
+log = logging.getLogger("kdarena")
 
 
 @dataclass
@@ -46,11 +51,21 @@ class Parts:
     runner: Callable
 
 
+@functools.cache
+def _torch_default_threads() -> int:
+    """torch's thread count before any run set it (a later run in this process starts from it again)."""
+    return torch.get_num_threads()
+
+
 def configure_torch(config: Config, device: torch.device) -> None:
     """Process-wide torch switches of the run (threads, determinism, cuDNN autotuning)."""
     t = config.train
     if t.threads:
         torch.set_num_threads(t.threads)
+    elif device.type == "cpu":  # fewer threads when other work keeps cores busy (see kdarena.cpu_threads)
+        choice = choose_threads(_torch_default_threads())
+        torch.set_num_threads(choice.threads)
+        log.info("train.threads=auto: %s", choice.describe())
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
         torch.backends.cudnn.benchmark = False
