@@ -27,7 +27,8 @@ from typing import Any, Sequence
 from .. import config as cfg
 from ..methods import registry as method_registry
 from ..records import read as run_folders
-from ..records.folder import config_path, is_finished, lock, sweep_index_path, write_json
+from ..records import folder
+from ..records.folder import is_finished, lock, sweep_index_path, write_json
 from ..records.summary import Summary
 from ..records.sweep_index import SweepIndex, SweepMethod, SweepRun
 from .engines import SweepError, make_engine
@@ -153,7 +154,7 @@ def _stored_config(run_dir: Path) -> dict[str, Any] | None:
             return run_folders.read_config(run_dir)
         except run_folders.DamagedFile:
             return None
-    path = config_path(run_dir)
+    path = folder.config_path(run_dir)  # (not the parameters named config_path below: the sweep's own config file)
     if path.is_file():
         try:
             return cfg.to_dict(cfg.load(path))
