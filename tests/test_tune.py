@@ -335,3 +335,15 @@ def test_a_baseline_compares_every_other_method_with_it_bonferroni_over_their_nu
     shutil.copytree(out, best_out, ignore=shutil.ignore_patterns(confirm_module.HASH_FILE, "*.md", "*.yaml"))
     text = confirm(best_plan, "0-2", baseline="cd", out=best_out)
     assert "| dml − cd | 3 | +0.00 |" in text and "epoch of each network's best validation top-1" in text
+
+
+def test_a_damaged_plan_is_one_line_naming_the_file_and_the_field(tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("kdarena_plan: 1\nobjective: soon\nconfig: {}\nmethods: {dml: {overrides: []}}\n")
+    assert cli.main(["confirm", str(plan), "--seeds", "1,2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{plan}: objective is 'soon'" in err
+    plan.write_text("!!python/object/apply:os.system ['echo hacked']\n")  # YAML without tags: nothing runs
+    assert cli.main(["confirm", str(plan), "--seeds", "1,2"]) == 2
+    assert "is not a YAML plan" in capsys.readouterr().err
+    assert not (tmp_path / "confirm").exists()

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import UserError
+from ..records.numbers import first_problem
 
 PLAN_VERSION = 1
 #: A plan is a few kilobytes; anything far larger is not one.
@@ -70,9 +71,7 @@ def load(path: Path) -> Plan:
     try:
         return Plan.model_validate(data)
     except ValidationError as error:
-        problem = error.errors()[0]
-        where = ".".join(str(part) for part in problem["loc"]) or "the top level"
-        raise PlanError(f"{path}: {where}: {problem['msg']}") from None
+        raise PlanError(f"{path}: {first_problem(error)}") from None
 
 
 def dump(plan: Plan, header: str) -> str:
