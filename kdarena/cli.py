@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -58,13 +59,15 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="classify images with an exported network or a run; accuracy on labelled ones")
     predict.add_argument("model", help="a safetensors file from kdarena export, or a run folder")
-    predict.add_argument("inputs", nargs="+", help="image files, folders or .tar/.tar.gz/.zip archives")
+    predict.add_argument("inputs", nargs="+", help="image files, folders or .tar/.tar.gz/.zip archives; with a run folder, "
+                         "key=value overrides of its config too (data.root=... for a run whose data moved)")
     predict.add_argument("--top-k", type=int, default=5, help="classes shown per image")
     predict.add_argument("--format", choices=["table", "json", "csv"], default="table", help="table (default), or one record per image")
     predict.add_argument("--batch-size", type=int, default=None, help="default: the run's data.eval_batch_size")
     predict.add_argument("--workers", type=int, default=1, help="decode processes")
     predict.add_argument("--cache-max-gb", type=float, default=None, help="memory an input archive's bytes may take, GB (default 1; a folder is streamed)")
-    predict.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="default: the run's train.precision, as kdarena eval")
+    predict.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"],
+                         help="default: fp32 for an exported file (as onnxruntime runs it); a run folder's train.precision, as kdarena eval")
     predict.add_argument("--network", default="best", help="with a run folder: best, ensemble or an index")
     predict.add_argument("--checkpoint", choices=["best", "last"], default="best", help="with a run folder")
     predict.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -204,8 +207,14 @@ def _cmd_export(args) -> int:
 def _cmd_predict(args) -> int:
     from .deploy.predict import predict, render, summary_line
 
-    result = predict(args.model, args.inputs, args.top_k, args.batch_size, args.workers, args.network,
-                     args.checkpoint, args.precision, max_archive_gb=args.cache_max_gb)
+    from .config import Config
+
+    # data.root=... among the inputs is an override of the run's config, not an image
+    is_override = re.compile(rf"^({'|'.join(Config.model_fields)})\.[\w.]+=").match
+    overrides = [token for token in args.inputs if is_override(token)]
+    inputs = [token for token in args.inputs if not is_override(token)]
+    result = predict(args.model, inputs, args.top_k, args.batch_size, args.workers, args.network,
+                     args.checkpoint, args.precision, max_archive_gb=args.cache_max_gb, overrides=overrides)
     for note in result.notes:
         print(note, file=sys.stderr)
     print(render(result, args.format))

@@ -37,7 +37,9 @@ from .group import Group
 from .methods import GroupLosses, GroupMethod, StepInput
 from .perturb import GroupBatchNormSnapshot, Perturbation, frozen_bn_stats
 from .records.epoch import accuracy_key, selection_split
-from .records.folder import MetricsLog, atomic_write_text, checkpoint_path, config_path, prepare, read_metrics, summary_path, write_json
+from .deploy.run_inputs import run_inputs
+from .records.folder import (MetricsLog, atomic_write_text, checkpoint_path, config_path, inputs_path, prepare, read_metrics,
+                             summary_path, write_json)
 from .records.summary import summarize
 from .version import __version__
 
@@ -92,6 +94,8 @@ class Trainer:
                     resuming.record_resume(self.run_dir, self.loop.global_step, self._resume_changes)
             if self.is_main:
                 atomic_write_text(config_path(self.run_dir), dump(config))  # a kill mid-write must not break --resume
+                # what export and predict need of the data (shape, normalisation, class names), kept should it move
+                write_json(inputs_path(self.run_dir), run_inputs(self.data).as_written())
             self.metrics = MetricsLog(self.run_dir, config.train.tensorboard, resume_epoch=self.loop.epoch if resume else None) if self.is_main else None
         except BaseException:
             self.release_run_dir()

@@ -30,6 +30,9 @@ def test_a_stored_root_that_is_no_data_set_is_not_walked(run, tmp_path, capsys, 
     import kdarena.data.sources as sources
 
     monkeypatch.setattr(sources, "scan_folder", lambda root, wanted: walked.append(root))
+    # the run recorded its inputs (issue 37): export needs no data, so it exports without the root, unwalked
+    assert main(["export", str(copy), "--out", str(tmp_path / "m.safetensors")]) == 0
+    (copy / "inputs.json").unlink()  # as a run trained before inputs.json: export must rebuild the data
     for command in (["eval", str(copy / "checkpoints" / "best.pt")], ["export", str(copy), "--out", str(tmp_path / "m.safetensors")]):
         assert main(command) == 2
         error_line(capsys, "names data.root=/, which holds no train/ folder of imagefolder images; pass data.root=FOLDER")

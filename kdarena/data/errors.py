@@ -18,3 +18,8 @@ class BadImageError(DataError):
 
 class DataNotFoundError(ImageDataError, DataFilesNotFoundError):
     """An image folder or archive that is not there."""
+
+
+def moved_data(error: DataFilesNotFoundError, command: str) -> DataFilesNotFoundError:
+    """``error`` met by a command that rebuilds a trained run's data, with the override that finds data that moved."""
+    return DataFilesNotFoundError(f"{error}; if the run's data moved, pass data.root=WHERE_IT_IS_NOW to {command}")

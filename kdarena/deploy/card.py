@@ -14,21 +14,15 @@ from typing import Any
 import torch
 
 from ..config import to_dict
-from ..data.datasets import ArrayDataset
+from ..engine.evaluate import evaluate_network
 from ..records.card import CARD_VERSION, FILE_FORMATS, ModelCard
-from ..records.read import DamagedFile, read_json, validate
+from ..records.read import DamagedFile, read_json, read_summary, validate
 from ..version import __version__
 from .errors import ExportError
 from .source import Selected
 
 #: A card holds the run's config and class names: kilobytes. A larger file is refused unread.
 CARD_MAX_BYTES = 4 * 2**20
-RESIZE_STEPS = {
-    "area": "resize so the shorter side is {s} (Pillow BOX filter, the area average, when shrinking; BICUBIC when "
-            "enlarging), centre-crop {s} x {s} (kdarena.data.decode.decode_bytes)",
-    "bilinear": "JPEG draft-mode downscale, resize so the shorter side is {s} (Pillow BILINEAR), centre-crop {s} x {s} "
-                "(kdarena.data.imagefolder.decode_image)",
-}
 
 
 def card_paths(model: str | Path) -> tuple[Path, Path]:
@@ -44,26 +38,6 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def preprocessing(data) -> dict[str, Any]:
-    """How the run's evaluation decodes and normalises an image (in-memory sets and streamed folders differ)."""
-    dataset = getattr(data.test, "dataset", None)
-    if isinstance(dataset, ArrayDataset):
-        channels, height, width = (int(v) for v in dataset.images.shape[1:])
-        mean, std, resize = dataset.mean, dataset.std, "area"
-    else:  # a streamed image folder (FolderLoader over an ImageFolder)
-        channels, height, width = dataset.image_shape
-        mean, std, resize = data.test.mean, data.test.std, "bilinear"
-    return {
-        "color": "RGB" if channels == 3 else "L",
-        "size": [height, width],
-        "resize": resize,
-        "steps": [f"decode to {'RGB' if channels == 3 else 'L (grayscale)'}", RESIZE_STEPS[resize].format(s=height),
-                  "float32 x * (1 / (255 std)) - mean / std per channel, i.e. (x / 255 - mean) / std", "NCHW batch"],
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
-    }
-
-
 def _versions(fmt: str) -> dict[str, str]:
     out = {"kdarena": __version__, "torch": torch.__version__, "python": platform.python_version()}
     for package in {"safetensors": ["safetensors"], "onnx": ["onnx", "onnxscript"]}.get(fmt, []):
@@ -74,11 +48,30 @@ def _versions(fmt: str) -> dict[str, str]:
     return out
 
 
+def exported_accuracy(selected: Selected, run_dir: Path) -> dict[str, Any]:
+    """The card's ``accuracy`` for an export: the run's records (``measured_in`` the precision it trained and
+    evaluated in, e.g. bf16 autocast) and, when the run's data is still there, ``exported_file``: top-1/top-5
+    of the network as exported, float32 on the CPU, as onnxruntime and ``kdarena predict FILE`` run it."""
+    accuracy = dict(selected.accuracy)
+    try:
+        accuracy["measured_in"] = read_summary(run_dir).precision or selected.config.train.precision
+    except DamagedFile:  # a run still training (no summary yet): its config's setting
+        accuracy["measured_in"] = selected.config.train.precision
+    data = selected.data
+    if data is not None:
+        measured: dict[str, Any] = {"epoch": selected.epoch, "precision": "fp32"}
+        for split, loader in (("val", data.val), ("test", data.test)):
+            if loader is not None:
+                result = evaluate_network(selected.module, loader, torch.device("cpu"), "fp32")
+                measured.update({f"{split}_top1": result["top1"], f"{split}_top5": result["top5"]})
+        accuracy["exported_file"] = measured
+    return accuracy
+
+
 def build_card(selected: Selected, fmt: str, model: Path | None, model_sha256: str | None, checkpoint_sha256: str,
                run_dir: Path) -> dict[str, Any]:
     """The card of ``selected`` written as ``model`` (None: a network taken from a run folder, not a file)."""
-    prep = preprocessing(selected.data)
-    channels = 3 if prep["color"] == "RGB" else 1
+    inputs = selected.inputs
     return ModelCard(
         kdarena_model_card=CARD_VERSION,
         file=model.name if model is not None else None,
@@ -89,10 +82,10 @@ def build_card(selected: Selected, fmt: str, model: Path | None, model_sha256: s
         networks=selected.indices,
         architecture=selected.architecture,
         output="log_mean_probabilities" if selected.network == "ensemble" else "logits",
-        num_classes=selected.data.num_classes,
-        classes=list(selected.data.classes),
-        input={"shape": [channels, *prep["size"]], "dtype": "float32", "layout": "NCHW"},
-        preprocessing=prep,
+        num_classes=inputs.num_classes,
+        classes=list(inputs.classes),
+        input=inputs.input.model_dump(),
+        preprocessing=inputs.preprocessing.model_dump(),
         accuracy=selected.accuracy,
         source={"run_dir": str(run_dir), "checkpoint": str(selected.checkpoint), "checkpoint_sha256": checkpoint_sha256,
                 "epoch": selected.epoch, "mid_epoch": selected.mid_epoch},
@@ -103,6 +96,7 @@ def build_card(selected: Selected, fmt: str, model: Path | None, model_sha256: s
 
 def markdown(card: dict[str, Any]) -> str:
     acc = card.get("accuracy") or {}
+    trained_in = f" ({acc['measured_in']})" if acc.get("measured_in") else ""
 
     def line(label: str, row: dict[str, Any] | None) -> str:
         if not row:
@@ -123,10 +117,14 @@ def markdown(card: dict[str, Any]) -> str:
         "",
         "| weights | epoch | val top-1 | test top-1 |",
         "|---|---|---|---|",
-        line("exported", acc.get("exported_weights")),
-        line("last epoch", acc.get("last")),
-        line("best val epoch", acc.get("best_val")),
+        *([line("exported file (fp32)", acc["exported_file"])] if acc.get("exported_file") else []),
+        line(f"exported weights{trained_in}", acc.get("exported_weights")),
+        line(f"last epoch{trained_in}", acc.get("last")),
+        line(f"best val epoch{trained_in}", acc.get("best_val")),
         "",
+        "The exported file's fp32 accuracy was " + ("measured at export." if acc.get("exported_file") else
+                                                    "not measured (the run's data was not found at export); the rows "
+                                                    f"above are the run's own, measured in {acc.get('measured_in') or 'its precision'}."),
         f"Selected on: {acc.get('selected_on') or 'nothing (no validation split)'}. Every field: {card['file']}.card.json.",
         "",
     ])

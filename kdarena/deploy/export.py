@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..safe_files import SafeFileError, atomic_paths, write_failed
-from .card import build_card, card_paths, markdown, preprocessing, sha256_of
+from .card import build_card, card_paths, exported_accuracy, markdown, sha256_of
 from .errors import ExportError
 from .source import open_run
 
@@ -163,7 +163,7 @@ def export_run(run_dir: str | Path, out: str | Path, network: str = "best", chec
         if out.is_dir():
             raise ExportError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.safetensors'}")
         fmt = _format_of(out, fmt)
-        selected = open_run(run_dir, checkpoint, network, overrides)
+        selected = open_run(run_dir, checkpoint, network, overrides, want_data=True, command="kdarena export RUN --out FILE")
         if out.resolve() == selected.checkpoint.resolve():
             raise ExportError(f"--out {out} is the checkpoint being exported; give another file name")
         _refuse_run_files(Path(run_dir), out)
@@ -173,7 +173,7 @@ def export_run(run_dir: str | Path, out: str | Path, network: str = "best", chec
         if isinstance(error, SafeFileError):
             raise
         raise write_failed(error.filename or out, error) from None
-    example = torch.randn(2, *_input_shape(selected), generator=torch.Generator().manual_seed(0))
+    example = torch.randn(2, *selected.inputs.input.shape, generator=torch.Generator().manual_seed(0))
     model_card, summary_card = card_paths(out)
     with atomic_paths(out, model_card, summary_card) as (model_temp, card_temp, summary_temp):
         try:
@@ -185,6 +185,7 @@ def export_run(run_dir: str | Path, out: str | Path, network: str = "best", chec
                               f"{_reason(error)}; try another --format") from None
         _write(model_temp, data, out)
         _check_outputs(fmt, model_temp, selected.module, example)
+        selected.accuracy = exported_accuracy(selected, Path(run_dir))
         card = build_card(selected, fmt, out, hashlib.sha256(data).hexdigest(), sha256_of(selected.checkpoint), Path(run_dir))
         _write(card_temp, (json.dumps(card, indent=2) + "\n").encode(), model_card)
         _write(summary_temp, markdown(card).encode(), summary_card)
@@ -206,11 +207,6 @@ def _reason(error: BaseException) -> str:
         error = error.__cause__
     first = (re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines() or [""])[0]
     return f"{type(error).__name__}: {first[:300]}"
-
-
-def _input_shape(selected) -> list[int]:
-    prep = preprocessing(selected.data)
-    return [3 if prep["color"] == "RGB" else 1, *prep["size"]]
 
 
 def _check_outputs(fmt: str, path: str, module: nn.Module, example: Tensor) -> None:

@@ -9,7 +9,7 @@ are refused here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -22,19 +22,21 @@ from .errors import ExportError
 from .source import Ensemble, open_run
 
 
-def _from_run(run_dir: Path, checkpoint: str, network: str) -> tuple[nn.Module, dict[str, Any]]:
-    selected = open_run(run_dir, checkpoint, network)
+def _from_run(run_dir: Path, checkpoint: str, network: str, overrides: Sequence[str]) -> tuple[nn.Module, dict[str, Any]]:
+    selected = open_run(run_dir, checkpoint, network, overrides)
     card = build_card(selected, "run", None, None, sha256_of(selected.checkpoint), run_dir)
     return selected.module, card
 
 
-def load_model(path: str | Path, network: str = "best", checkpoint: str = "best") -> tuple[nn.Module, dict[str, Any]]:
-    """(module in eval mode, model card). ``network``/``checkpoint`` choose within a run folder (see ``kdarena export``)."""
+def load_model(path: str | Path, network: str = "best", checkpoint: str = "best",
+               overrides: Sequence[str] = ()) -> tuple[nn.Module, dict[str, Any]]:
+    """(module in eval mode, model card). ``network``/``checkpoint`` choose within a run folder (see ``kdarena export``),
+    ``overrides`` change its config (``data.root=...`` for a run trained before it recorded its inputs, whose data moved)."""
     path = Path(path)
     if path.is_dir():
-        return _from_run(path, checkpoint, network)
+        return _from_run(path, checkpoint, network, overrides)
     if path.suffix == ".pt" and path.parent.name == "checkpoints" and path.stem in ("best", "last"):
-        return _from_run(path.parent.parent, path.stem, network)
+        return _from_run(path.parent.parent, path.stem, network, overrides)
     if not path.is_file():
         raise ExportError(f"{path} does not exist; give a file made by kdarena export or a run folder")
     card = read_card(path)

@@ -1,8 +1,9 @@
 """``kdarena predict MODEL INPUTS...``: class names and probabilities per image, and accuracy on labelled ones.
 
-The network runs exactly as in ``kdarena eval``: eval mode, the run's precision (``train.precision``;
-``auto`` is bf16 on a CPU with native bf16, as in training), memory format (``train.channels_last``)
-and evaluation batch size (``data.eval_batch_size``) by default, inputs
+A run folder's network runs exactly as in ``kdarena eval``: eval mode, the run's precision (``train.precision``;
+``auto`` is bf16 on a CPU with native bf16, as in training); an exported file runs in float32, as
+onnxruntime and TorchScript run it (its card's ``exported_file`` accuracy is measured so). Then the run's
+memory format (``train.channels_last``) and evaluation batch size (``data.eval_batch_size``) by default, inputs
 decoded and normalised as the card says. Top-1/top-5 count the labelled images exactly as
 :func:`kdarena.engine.evaluate.evaluate_networks` does (``topk`` of the scores, k = min(5, classes)),
 so on the same images they equal ``kdarena eval``'s numbers.
@@ -61,21 +62,23 @@ def _check_batch_size(batch_size: Any, given: bool) -> int:
 
 def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int | None = None, workers: int = 1,
             network: str = "best", checkpoint: str = "best", precision: str | None = None, progress: bool = True,
-            max_archive_gb: float | None = None) -> Predictions:
-    """Predictions for ``inputs``; ``batch_size`` and ``precision`` default to the run's (as ``kdarena eval`` runs);
-    ``max_archive_gb``: see :func:`kdarena.deploy.inputs.gather`."""
+            max_archive_gb: float | None = None, overrides: Sequence[str] = ()) -> Predictions:
+    """Predictions for ``inputs``; ``batch_size`` defaults to the run's, ``precision`` to the run's for a run folder
+    (as ``kdarena eval`` runs) and to fp32 for an exported file; ``max_archive_gb``: see
+    :func:`kdarena.deploy.inputs.gather`; ``overrides``: see :func:`kdarena.deploy.load.load_model`."""
     if top_k < 1:
         raise PredictError(f"--top-k {top_k}: give at least 1")
     if batch_size is not None:
         _check_batch_size(batch_size, given=True)
-    module, card = load_model(model, network=network, checkpoint=checkpoint)
+    module, card = load_model(model, network=network, checkpoint=checkpoint, overrides=overrides)
     config = card["config"] if isinstance(card.get("config"), dict) else {}
     train, data = config.get("train") or {}, config.get("data") or {}
     # a setting the card's config lacks (a card written by hand, or by an older kdarena) is the config's default
     if batch_size is None:
         batch_size = _check_batch_size(data.get("eval_batch_size", DataConfig.model_fields["eval_batch_size"].default), given=False)
     channels_last = bool(train.get("channels_last", TrainConfig.model_fields["channels_last"].default))
-    precision = precision or train.get("precision", TrainConfig.model_fields["precision"].default)
+    if precision is None:  # an exported file is a float32 network; a run's network runs as its evaluation did
+        precision = train.get("precision", TrainConfig.model_fields["precision"].default) if card["format"] == "run" else "fp32"
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     images = gather(inputs, card["classes"], max_archive_gb)

@@ -249,26 +249,32 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", required: t
     return state
 
 
-def stored_config(state: dict[str, Any], overrides: list[str], path: str | Path) -> Config:
+def stored_config(state: dict[str, Any], overrides: list[str], path: str | Path, check_root: bool = True) -> Config:
     """The run's config from a checkpoint, read as untrusted input (``kdarena eval``, ``export``, ``predict RUN``).
 
     A checkpoint is a file a user may be handed, and its config says where data is read and whether it is
     fetched: ``data.download: true`` once created a folder of the file's choosing and started a download,
     ``data.root: /`` walked the whole file system. So a download happens only when the user passes
     ``data.download=true``, and an image set's root the user did not pass must hold a ``train/`` folder
-    (or be an archive) before anything under it is walked.
+    (or be an archive) before anything under it is walked. ``check_root`` False: the caller checks the root
+    with :func:`check_stored_root` before it builds the data, if it does (an export needs no data).
     """
     config = validate(apply_overrides(state["config"], list(overrides)))
-    given = _override_keys(overrides)
-    if "data.download" not in given:
+    if "data.download" not in _override_keys(overrides):
         config.data.download = False
+    if check_root:
+        check_stored_root(config, overrides, path)
+    return config
+
+
+def check_stored_root(config: Config, overrides: list[str], path: str | Path) -> None:
+    """An image set's ``data.root`` from a checkpoint (not passed by the user) must look like one; see :func:`stored_config`."""
     root = config.data.root
-    if "data.root" not in given and root and config.data.name in IMAGE_SETS:
+    if "data.root" not in _override_keys(overrides) and root and config.data.name in IMAGE_SETS:
         place = Path(root).expanduser()
         if not ((place / "train").is_dir() or (place.is_file() and place.name.lower().endswith(ARCHIVE_SUFFIXES))):
             raise CheckpointError(f"checkpoint {str(path)!r} names data.root={root}, which holds no train/ folder of "
                                   f"{config.data.name} images; pass data.root=FOLDER (the data set the run was trained on)")
-    return config
 
 
 def _override_keys(overrides: list[str]) -> set[str]:

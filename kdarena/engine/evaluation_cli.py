@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigError
+from ..data.errors import moved_data
+from ..errors import ConfigError, DataFilesNotFoundError
 from ..methods import GroupMethod, MethodContext, registry
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
@@ -16,7 +17,10 @@ def evaluate_checkpoint(path: str, split: str = "test", overrides: list[str] | N
     config = ckpt.stored_config(state, overrides or [], path)
     info = dist_utils.DistInfo()
     device = dist_utils.resolve_device(config.train.device, info)
-    data, group = build_data_and_group(config, device, info, registry.build(config.method).needs)
+    try:
+        data, group = build_data_and_group(config, device, info, registry.build(config.method).needs)
+    except DataFilesNotFoundError as error:  # evaluation needs the data itself: name the override that finds it
+        raise moved_data(error, "kdarena eval CHECKPOINT") from None
     loader = data.val if split == "val" else data.test
     if loader is None:
         raise ConfigError("the run has no validation split (data.val_size=0); use --split test")

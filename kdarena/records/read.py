@@ -22,7 +22,8 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .. import safe_files
 from .epoch import EpochRecord
-from .folder import CHECKPOINTS, config_path, metrics_path, summary_path
+from .folder import CHECKPOINTS, config_path, inputs_path, metrics_path, summary_path
+from .inputs import RunInputs
 from .numbers import first_problem
 from .summary import StoredConfig, Summary, SummaryConfig
 
@@ -110,6 +111,14 @@ def read_summary(run_dir: Path) -> Summary:
     if not summary.networks:
         raise DamagedFile(f"{path} holds no evaluation (no test epoch was run)")
     return summary
+
+
+def read_inputs(run_dir: Path) -> RunInputs | None:
+    """What the run's networks take in (``inputs.json``), checked; None for a run trained before it was written."""
+    path = inputs_path(run_dir)
+    if not path.exists():
+        return None
+    return validate(path, RunInputs, read_json(path))
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
