@@ -51,10 +51,10 @@ def summary_path(run_dir: Path) -> Path:
 def checkpoint_path(run_dir: Path, name: str = "last") -> Path:
     """``checkpoints/last.pt`` (the latest), ``best.pt`` (the best selection-split epoch), ``last.prev.pt``..."""
     return Path(run_dir) / CHECKPOINTS / f"{name}.pt"
+
+
 def inputs_path(run_dir: Path) -> Path:
     return Path(run_dir) / INPUTS_FILE
-
-
 
 
 def sweep_index_path(exp_dir: Path) -> Path:
