@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from ..config import Config, ConfigError, flatten, marked_keys, to_dict
+from ..config import Config, ConfigError, flatten, marked_keys, read_yaml, to_dict
 from ..records.folder import checkpoint_path, config_path
 from ..version import __version__
 from .build import Parts
@@ -54,8 +53,8 @@ def describe_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | N
 def check_overrides(run_dir: Path, current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """The changes a resume makes to the run's recorded config.yaml; refuse one that changes the run's meaning."""
     try:
-        saved = yaml.safe_load(config_path(run_dir).read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        saved = read_yaml(config_path(run_dir))  # bounded, regular files only (kdarena.config_sources)
+    except ConfigError:
         return {}  # unreadable: the caller's own checks report it
     if not isinstance(saved, dict):
         return {}

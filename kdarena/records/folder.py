@@ -4,8 +4,7 @@ at a time (the lock), the epoch log and TensorBoard, atomic writes.
 A run folder holds ``config.yaml`` (the config, written first), ``metrics.jsonl`` (one
 :class:`~kdarena.records.epoch.EpochRecord` per line), ``summary.json`` (the
 :class:`~kdarena.records.summary.Summary`, written last: a run is finished when it exists),
-``inputs.json`` (:class:`~kdarena.records.inputs.RunInputs`, what its networks take in, for export and
-predict), ``checkpoints/`` (``last.pt``, ``best.pt``), ``.lock`` and, if asked, ``tensorboard/``.
+``checkpoints/`` (``last.pt``, ``best.pt``), ``.lock`` and, if asked, ``tensorboard/``.
 An experiment folder holds one run folder per method and seed and ``sweep.json``
 (:class:`~kdarena.records.sweep_index.SweepIndex`). Readers of folders someone hands over go through
 :mod:`kdarena.records.read`.
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from .. import safe_files
 from ..errors import UserError
 from .epoch import EpochRecord
 
@@ -32,8 +32,9 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 SWEEP_INDEX_FILE = "sweep.json"
-INPUTS_FILE = "inputs.json"
 CHECKPOINTS = "checkpoints"
+#: the largest metrics.jsonl read (an epoch's record is about a kilobyte)
+METRICS_MAX_BYTES = 512 * 2**20
 
 
 def config_path(run_dir: Path) -> Path:
@@ -51,10 +52,6 @@ def summary_path(run_dir: Path) -> Path:
 def checkpoint_path(run_dir: Path, name: str = "last") -> Path:
     """``checkpoints/last.pt`` (the latest), ``best.pt`` (the best selection-split epoch), ``last.prev.pt``..."""
     return Path(run_dir) / CHECKPOINTS / f"{name}.pt"
-
-
-def inputs_path(run_dir: Path) -> Path:
-    return Path(run_dir) / INPUTS_FILE
 
 
 def sweep_index_path(exp_dir: Path) -> Path:
@@ -167,7 +164,7 @@ class MetricsLog:
         self.path = metrics_path(run_dir)
         if resume_epoch is not None and self.path.exists():
             # a line cut short by a kill mid-append parses as None and is dropped with the re-run epochs
-            lines = self.path.read_text().splitlines()
+            lines = read_run_file(self.path, METRICS_MAX_BYTES).splitlines()
             epochs = [_epoch_of(self.path, n, line, resume_epoch) for n, line in enumerate(lines, 1)]
             kept = [line for line, epoch in zip(lines, epochs) if epoch < resume_epoch]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
@@ -209,7 +206,17 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = metrics_path(run_dir)
     if not path.exists():
         return []
-    return [record for record in map(_parse, path.read_text().splitlines()) if record is not None]
+    return [record for record in map(_parse, read_run_file(path, METRICS_MAX_BYTES).splitlines()) if record is not None]
+
+
+def read_run_file(path: Path, limit: int) -> str:
+    """A file of a run folder this process resumes or summarises, through :mod:`kdarena.safe_files`: a FIFO
+    named metrics.jsonl hung ``train --resume``, ``export`` and a resuming sweep; a link to /dev/zero read
+    until MemoryError."""
+    try:
+        return safe_files.read_text(path, limit)
+    except safe_files.SafeFileError as error:
+        raise RunDirError(f"{error}; replace or delete that file of the run folder") from None
 
 
 def _parse(line: str) -> dict[str, Any] | None:
