@@ -4,7 +4,8 @@ at a time (the lock), the epoch log and TensorBoard, atomic writes.
 A run folder holds ``config.yaml`` (the config, written first), ``metrics.jsonl`` (one
 :class:`~kdarena.records.epoch.EpochRecord` per line), ``summary.json`` (the
 :class:`~kdarena.records.summary.Summary`, written last: a run is finished when it exists),
-``checkpoints/`` (``last.pt``, ``best.pt``), ``.lock`` and, if asked, ``tensorboard/``.
+``inputs.json`` (:class:`~kdarena.records.inputs.RunInputs`, what its networks take in, for export and
+predict), ``checkpoints/`` (``last.pt``, ``best.pt``), ``.lock`` and, if asked, ``tensorboard/``.
 An experiment folder holds one run folder per method and seed and ``sweep.json``
 (:class:`~kdarena.records.sweep_index.SweepIndex`). Readers of folders someone hands over go through
 :mod:`kdarena.records.read`.
@@ -32,6 +33,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 SWEEP_INDEX_FILE = "sweep.json"
+INPUTS_FILE = "inputs.json"
 CHECKPOINTS = "checkpoints"
 #: the largest metrics.jsonl read (an epoch's record is about a kilobyte)
 METRICS_MAX_BYTES = 512 * 2**20
@@ -52,6 +54,10 @@ def summary_path(run_dir: Path) -> Path:
 def checkpoint_path(run_dir: Path, name: str = "last") -> Path:
     """``checkpoints/last.pt`` (the latest), ``best.pt`` (the best selection-split epoch), ``last.prev.pt``..."""
     return Path(run_dir) / CHECKPOINTS / f"{name}.pt"
+
+
+def inputs_path(run_dir: Path) -> Path:
+    return Path(run_dir) / INPUTS_FILE
 
 
 def sweep_index_path(exp_dir: Path) -> Path:
