@@ -27,7 +27,7 @@ from .data.build import DataBundle
 from .engine import checkpoint as ckpt, distributed as dist_utils, resume as resuming
 from .engine.build import Parts, build_parts
 from .engine.device_skip import DeviceSkip
-from .engine.evaluate import autocast_context, epoch_line, evaluate_splits, resolve_precision
+from .engine.evaluate import autocast_context, epoch_line, evaluate_splits, resolve_precision, start_record
 from .engine.loop_state import LoopState
 from .engine.recovery import NonFiniteLossError, NonFinitePolicy
 from .engine.stop_signals import Interrupted, install_stop_handlers
@@ -38,8 +38,7 @@ from .methods import GroupLosses, GroupMethod, StepInput
 from .perturb import GroupBatchNormSnapshot, Perturbation, frozen_bn_stats
 from .records.epoch import accuracy_key, selection_split
 from .deploy.run_inputs import run_inputs
-from .records.folder import (MetricsLog, atomic_write_text, checkpoint_path, config_path, inputs_path, prepare, read_metrics,
-                             summary_path, write_json)
+from .records.folder import MetricsLog, atomic_write_text, checkpoint_path, config_path, inputs_path, prepare, read_metrics, summary_path, write_json
 from .records.summary import summarize
 from .version import __version__
 
@@ -260,6 +259,8 @@ class Trainer:
         previous_handlers = install_stop_handlers(self._on_signal)
         progress = None
         try:
+            if loop.global_step == 0 and any(cfg.weights or []):  # where a run from weights starts: epoch 0
+                self._log(start_record(self.group, self.method.eval_networks(), self.data, self.device, self.precision))
             while loop.epoch < cfg.optim.epochs:
                 self.group.train()
                 start = time.perf_counter()
@@ -340,9 +341,7 @@ class Trainer:
         last_epoch = loop.epoch + 1 == cfg.optim.epochs
         improved = False
         if (loop.epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
-            started = time.perf_counter()
             record.update(evaluate_splits(self.group, self.method.eval_networks(), self.data, self.device, self.precision))
-            record["eval_seconds"] = time.perf_counter() - started
             scores = [record[accuracy_key(f"net{i}", selection_split(record))] for i in range(self.n)]
             for i in range(self.n):
                 loop.best_val[i] = max(loop.best_val[i], scores[i])
@@ -352,13 +351,16 @@ class Trainer:
         loop.history_seconds += elapsed
         record["wall_seconds"] = loop.history_seconds
         loop.next_epoch()
-        if self.is_main:
-            self.metrics.write(record)
-            log.info(epoch_line(record, self.n))
+        self._log(record)
         if (loop.epoch % cfg.train.checkpoint_every == 0) or last_epoch:
             self.save()
         if improved:
             self.save("best.pt")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.is_main:  # every rank evaluated (the numbers are all-reduced); one writes
+            self.metrics.write(record)
+            log.info(epoch_line(record, self.n))
 
     def data_counts(self) -> dict[str, Any]:
         """What the run trained and was scored on: the class count and each split's number of images."""
@@ -382,8 +384,7 @@ class Trainer:
 
 def train(config: Config, run_dir: str | Path | None = None, resume: bool = False, force: bool = False,
           stop_requested: threading.Event | None = None) -> dict[str, Any]:
-    """Train a group as configured and return the summary (the Python API behind ``kdarena train``);
-    ``stop_requested``: see :class:`Trainer`."""
+    """Train a group as configured and return the summary (the Python API behind ``kdarena train``); ``stop_requested``: see :class:`Trainer`."""
     trainer = Trainer(config, run_dir=run_dir, resume=resume, force=force, stop_requested=stop_requested)
     finished = False
     try:

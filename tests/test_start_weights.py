@@ -147,3 +147,25 @@ def test_bad_weights_entries_are_config_errors(raw, message):
     with pytest.raises(cfg.ConfigError) as error:
         cfg.validate({**raw, "method": {"name": "independent"}})
     assert message in str(error.value)
+
+
+def test_a_run_from_weights_evaluates_them_before_its_first_epoch(source, tmp_path, caplog):
+    # nothing showed that training starts where it ended (issue 37): lr 1e-9 was the workaround
+    from kdarena.experiments import plot
+    from kdarena.records.folder import read_metrics
+
+    checkpoint = str(source / "source-run" / "checkpoints" / "best.pt")
+    config = run_config(source / "three", models=[{"name": "resnet8", "weights": checkpoint, "network": 1}, "resnet8"])
+    with caplog.at_level("INFO", logger="kdarena"):
+        summary = train(config, run_dir=tmp_path / "run")
+    start, first = read_metrics(tmp_path / "run")
+    ended = [r for r in read_metrics(source / "source-run") if "net1/test_top1" in r][-1]
+    assert start["before_training"] is True and start["epoch"] == 0 and start["step"] == 0 and start["eval_seconds"] > 0
+    assert start["net0/test_top1"] == pytest.approx(ended["net1/test_top1"], abs=1e-9)  # where the source network ended
+    assert start["net0/val_top1"] == pytest.approx(ended["net1/val_top1"], abs=1e-9)
+    assert first["epoch"] == 0 and "before_training" not in first
+    line = f"epoch 0 (the starting weights): val top1 [{start['net0/val_top1']:.2f} {start['net1/val_top1']:.2f}]"
+    assert line in [r.getMessage() for r in caplog.records]
+    assert summary["epochs"] == 1 and summary["networks"][0]["last_test_top1"] == first["net0/test_top1"]  # no epoch
+    epochs, *_ = plot._series(plot._find_runs(tmp_path / "run"), "net0/test_top1")
+    assert epochs == [0, 1]

@@ -1,6 +1,7 @@
 """Evaluation of every network and of the group's ensemble (mean of softmax), reduced across ranks."""
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from typing import Sequence
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from .distributed import all_reduce_sum
 from ..group import Group
-from ..records.epoch import accuracy_key, selection_split
+from ..records.epoch import BEFORE_TRAINING, accuracy_key, is_before_training, selection_split
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -81,7 +82,9 @@ def evaluate_network(network: nn.Module, loader, device: torch.device, precision
 
 
 def evaluate_splits(group: Group, extra: dict[str, nn.Module], data, device: torch.device, precision: str) -> dict[str, float]:
-    """``net{i}/{split}_top1`` etc. for the val and test splits, for the group, its ensemble and ``extra`` networks."""
+    """``net{i}/{split}_top1`` etc. for the val and test splits, for the group, its ensemble and ``extra`` networks,
+    and ``eval_seconds``, the time it took."""
+    started = time.perf_counter()
     record: dict[str, float] = {}
     for split, loader in (("val", data.val), ("test", data.test)):
         if loader is None:
@@ -92,13 +95,22 @@ def evaluate_splits(group: Group, extra: dict[str, nn.Module], data, device: tor
         for name, network in extra.items():  # e.g. temporal-mean copies
             for metric, value in evaluate_network(network, loader, device, precision).items():
                 record[f"{name}/{split}_{metric}"] = value
+    record["eval_seconds"] = time.perf_counter() - started
     return record
+
+
+def start_record(group: Group, extra: dict[str, nn.Module], data, device: torch.device, precision: str) -> dict:
+    """The evaluation of a run's starting weights (``weights``) before its first epoch: it shows where training
+    starts (a network restarted from its own checkpoint scores what it ended with)."""
+    return {"epoch": 0, BEFORE_TRAINING: True, "step": 0, **evaluate_splits(group, extra, data, device, precision)}
 
 
 def epoch_line(record: dict, n: int) -> str:
     """The one line logged per epoch: accuracies, teacher shares (methods with a teacher), speed."""
     split = selection_split(record)
     accs = " ".join(f"{record[accuracy_key(f'net{i}', split)]:.2f}" for i in range(n) if accuracy_key(f"net{i}", split) in record)
+    if is_before_training(record):
+        return f"epoch 0 (the starting weights): {split} top1 [{accs}]"
     shares = " ".join(f"{record[f'net{i}/teacher_share']:.2f}" for i in range(n) if f"net{i}/teacher_share" in record)
     teacher = f" teacher share [{shares}]" if shares else ""
     return f"epoch {record['epoch'] + 1}: {split} top1 [{accs}]{teacher} {record['images_per_s']:.0f} img/s"

@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import MissingExtraError, UserError
 from ..methods import registry as method_registry
 from ..records import read as run_folders
+from ..records.epoch import is_before_training
 from ..records.folder import METRICS_FILE
 
 _TERMS = (("ce", "cross-entropy"), ("kd", "distillation KL"), ("feat", "feature loss"))
@@ -96,12 +97,13 @@ def _groups(runs: list[_Run]) -> dict[str, list[_Run]]:
 
 
 def _series(group: list[_Run], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Epochs (1-based) with mean, min and max over the seeds that have ``key`` at that epoch."""
+    """Epochs (1-based; 0: the starting weights of a run from weights) with mean, min and max over the seeds that
+    have ``key`` at that epoch."""
     by_epoch: dict[int, list[float]] = defaultdict(list)
     for run in group:
         for record in run.records:
             if key in record and record[key] is not None:
-                by_epoch[int(record["epoch"]) + 1].append(float(record[key]))
+                by_epoch[0 if is_before_training(record) else int(record["epoch"]) + 1].append(float(record[key]))
     epochs = sorted(by_epoch)
     return (epochs, [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs],
             [min(by_epoch[e]) for e in epochs], [max(by_epoch[e]) for e in epochs])

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .. import config as cfg
+from ..records.epoch import is_before_training
 from ..records.folder import atomic_write_text, is_finished, read_metrics
 from ..errors import MissingExtraError, UserError
 from .run_task import STOP_EARLY_FILE
@@ -66,7 +67,7 @@ def validation_top1(records: Sequence[dict[str, Any]], networks: int) -> list[tu
     out = []
     for record in records:
         values = [record.get(key) for key in keys]
-        if isinstance(record.get("epoch"), int) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        if not is_before_training(record) and isinstance(record.get("epoch"), int) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             out.append((record["epoch"], [float(v) for v in values]))
     return out
 

@@ -7,6 +7,10 @@ Keys are ``epoch`` (0-based), ``step``, ``lr``, the training sums (``net{i}/trai
 (when the run has a validation split) and ``test``, metric ``top1``, ``top5``, ``loss``. Times:
 ``epoch_seconds`` (the epoch's training), ``eval_seconds`` (its evaluation, on an evaluated epoch) and
 ``wall_seconds`` (training seconds of every epoch so far, over resumes; evaluation excluded).
+
+A run started from weights (``weights``) first evaluates them: a record with ``epoch`` 0 and
+``before_training`` true (``epoch 0`` on the console and in plots, before the first epoch's record,
+also ``epoch`` 0), which no summary or export counts as a trained epoch.
 """
 from __future__ import annotations
 
@@ -25,9 +29,17 @@ def accuracy_key(network: str, split: str, metric: str = "top1") -> str:
     return f"{network}/{split}_{metric}"
 
 
+BEFORE_TRAINING = "before_training"
+
+
+def is_before_training(record: Mapping[str, Any]) -> bool:
+    """The evaluation of a run's starting weights, before its first epoch (not an epoch)."""
+    return record.get(BEFORE_TRAINING) is True
+
+
 def is_evaluated(record: Mapping[str, Any]) -> bool:
-    """The epoch was evaluated (every evaluated epoch scores the test split)."""
-    return accuracy_key("net0", "test") in record
+    """The epoch was evaluated (every evaluated epoch scores the test split); not the starting weights' record."""
+    return accuracy_key("net0", "test") in record and not is_before_training(record)
 
 
 def selection_split(record: Mapping[str, Any]) -> Split:

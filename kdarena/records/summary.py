@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator, model_validator
 
 from ..version import __version__
-from .epoch import Split, accuracy_key, is_evaluated, selection_split
+from .epoch import Split, accuracy_key, is_before_training, is_evaluated, selection_split
 from .numbers import Amount, Count, Fraction, Percent
 
 
@@ -210,6 +210,7 @@ def summarize(records: list[dict[str, Any]], n: int, **facts: Any) -> Summary:
     ``test_at_best_val`` is the test accuracy at the epoch where that network's validation
     accuracy peaked; ``best_test`` (picked on the test set itself) is kept but labelled so.
     """
+    records = [r for r in records if not is_before_training(r)]  # the starting weights' evaluation is no epoch
     evaluated = [r for r in records if is_evaluated(r)]
     if not evaluated:
         return Summary.model_validate({"epochs": len(records), "networks": [], **facts})
