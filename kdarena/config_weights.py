@@ -29,7 +29,8 @@ class ModelWeights(BaseModel):
     path: str = Field(min_length=1, description="an exported .safetensors (kdarena export), a kdarena checkpoint "
                       "(RUN/checkpoints/best.pt) or a plain state_dict of tensors (.pt/.pth, .safetensors)")
     network: int = Field(0, ge=0, description="which network of a kdarena checkpoint or of an exported ensemble")
-    reinit_head: bool = Field(False, description="keep the new model's freshly initialised classifier (fine-tuning on "
+    # strict: a string such as 'yes' or 'no' was read as true (a quoted YAML value is text, not a boolean)
+    reinit_head: bool = Field(False, strict=True, description="keep the new model's freshly initialised classifier (fine-tuning on "
                               "another number of classes); every other tensor must fit exactly")
 
 

@@ -98,6 +98,8 @@ def read_weights(path: str | Path, network: int = 0, where: str = "weights") -> 
     if path.is_dir():
         raise WeightsError(f"{where}={str(path)!r} is a folder; give RUN/checkpoints/best.pt, a file made by kdarena export, "
                            "or a state_dict file")
+    if path.exists() and not path.is_file():  # a FIFO was "does not exist" (and is never opened: it would block)
+        raise WeightsError(f"{where}={str(path)!r} is not a regular file (a device, FIFO or socket); give a weights file")
     if not path.is_file():
         raise WeightsError(f"{where}={str(path)!r} does not exist")
     if is_safetensors(path):
@@ -172,6 +174,10 @@ def load_start_weights(config: Any, group: nn.Module) -> None:
         if spec is None:
             continue
         where = f"models[{i}] weights {spec.path}"
-        apply_weights(group.networks[i], read_weights(spec.path, spec.network, f"models[{i}].weights"), spec.reinit_head, where)
+        state = read_weights(spec.path, spec.network, f"models[{i}].weights")
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+        if bad:  # such a network trained at chance, without a word
+            raise WeightsError(f"{where}: {len(bad)} tensor(s) hold NaN or inf (first {bad[0]}); start from other weights")
+        apply_weights(group.networks[i], state, spec.reinit_head, where)
         log.info("network %d (%s) starts from %s%s", i, config.models[i], spec.path,
                  " with a new classifier" if spec.reinit_head else "")
