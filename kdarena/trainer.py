@@ -31,6 +31,7 @@ from .engine.evaluate import autocast_context, epoch_line, evaluate_splits, reso
 from .engine.loop_state import LoopState
 from .engine.recovery import NonFiniteLossError, NonFinitePolicy
 from .engine.stop_signals import Interrupted, install_stop_handlers
+from .progress import progress_bar
 from .engine.step_values import Packed, PendingValues, StepContext, StepValues, pack
 from .losses import cross_entropy
 from .group import Group
@@ -260,15 +261,12 @@ class Trainer:
         progress = None
         try:
             if loop.global_step == 0 and any(cfg.weights or []):  # where a run from weights starts: epoch 0
-                self._log(start_record(self.group, self.method.eval_networks(), self.data, self.device, self.precision))
+                self._log(start_record(self.group, self.method.eval_networks(), self.data, self.device, self.precision, self.is_main and cfg.train.progress))
             while loop.epoch < cfg.optim.epochs:
                 self.group.train()
                 start = time.perf_counter()
-                if self.is_main and cfg.train.progress:
-                    from tqdm.auto import tqdm
-
-                    progress = tqdm(total=self.steps_per_epoch, initial=loop.batch_in_epoch, leave=False, dynamic_ncols=True,
-                                    desc=f"epoch {loop.epoch + 1}/{cfg.optim.epochs}", mininterval=0.5)
+                if self.is_main and cfg.train.progress:  # a bar, or without a terminal a line every few seconds
+                    progress = progress_bar(self.steps_per_epoch, f"epoch {loop.epoch + 1}/{cfg.optim.epochs}", loop.batch_in_epoch, "steps")
                 t_step = time.perf_counter()
                 for x, y, index, views in self._batches():
                     record = self.train_step(x, y, index, views)
@@ -341,7 +339,7 @@ class Trainer:
         last_epoch = loop.epoch + 1 == cfg.optim.epochs
         improved = False
         if (loop.epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
-            record.update(evaluate_splits(self.group, self.method.eval_networks(), self.data, self.device, self.precision))
+            record.update(evaluate_splits(self.group, self.method.eval_networks(), self.data, self.device, self.precision, self.is_main and cfg.train.progress))
             scores = [record[accuracy_key(f"net{i}", selection_split(record))] for i in range(self.n)]
             for i in range(self.n):
                 loop.best_val[i] = max(loop.best_val[i], scores[i])

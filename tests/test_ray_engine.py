@@ -126,6 +126,7 @@ def test_a_runs_task_asks_for_its_threads_and_a_gpu_where_it_runs_on_cuda():
         config = cfg.load(None, overrides)
         engine = RayEngine("127.0.0.1:1", gpus_per_run)  # no connection is made
         engine.prepare(config)
+        assert config.train.progress  # a worker's trainer prints plain progress lines into the driver's log (issue 37)
         wants = engine.resources(config, cluster_gpus)
         return wants["num_cpus"], wants["num_gpus"]
 
@@ -141,8 +142,11 @@ def test_embedded_ray_gives_the_local_engines_summaries(tmp_path, capsys):
     pytest.importorskip("ray")
     config = _config(tmp_path, 1)
     local = run_sweep(config, [], "independent,dml", "0,1", tmp_path / "local")
+    capsys.readouterr()
     on_ray = run_sweep(config, [], "independent,dml", "0,1", tmp_path / "ray", engine="ray")
     assert [r["status"] for r in on_ray] == [r["status"] for r in local] == ["trained"] * 4
+    counted = [line.split("]")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert counted == ["[1/4", "[2/4", "[3/4", "[4/4"], counted  # in the order runs finish ([2/2] came before [1/2])
     for record in on_ray:
         name = Path(record["run_dir"]).name
         assert comparable(tmp_path / "ray" / name) == comparable(tmp_path / "local" / name), name

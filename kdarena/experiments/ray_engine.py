@@ -217,11 +217,10 @@ class RayEngine:
         return cls(address, gpus_per_run)
 
     def prepare(self, config: cfg.Config) -> None:
-        """One thread unless the config says otherwise (the task asks Ray for as many CPUs); no per-epoch bars
-        from workers whose output Ray forwards to this terminal."""
+        """One thread unless the config says otherwise (the task asks Ray for as many CPUs). A worker's output is no
+        terminal: its trainer prints a plain progress line every few seconds, which Ray forwards to the driver's log."""
         if config.train.threads is None:
             config.train.threads = 1
-        config.train.progress = False
 
     def resources(self, config: cfg.Config, cluster_gpus: float) -> dict[str, float]:
         """What the run's task asks Ray for: its threads as CPUs, and a GPU (or ``--gpus-per-run``) when it runs on

@@ -225,6 +225,7 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
     from tqdm.auto import tqdm
 
     from ..engine.distributed import from_environment
+    from ..progress import progress_bar
 
     executor = make_engine(engine, jobs, address, gpus_per_run)
     exp_dir, plans = plan_sweep(config_path, overrides, methods, seeds, out)
@@ -258,8 +259,8 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
         held = lock(exp_dir)
     index()
     total = len(plans)
-    number = {plan.name: k for k, plan in enumerate(plans, 1)}
     todo: dict[str, RunPlan] = {}
+    done = [0]  # runs finished so far, the [k/total] of each line: Ray finishes runs in any order ([2/2] came before [1/2])
     for plan in plans:
         if is_finished(plan.run_dir):
             plan.status = "skipped"
@@ -267,7 +268,8 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
                 note = run_folders.read_summary(plan.run_dir).accuracy_note()
             except run_folders.DamagedFile:
                 note = ""
-            say(f"[{number[plan.name]}/{total}] {plan.name}: skipped (finished){note}")
+            done[0] += 1
+            say(f"[{done[0]}/{total}] {plan.name}: skipped (finished){note}")
             index()
             continue
         if next_action(plan.run_dir) == "restarted":
@@ -275,12 +277,13 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
         executor.prepare(plan.config)
         todo[plan.name] = plan
 
-    bar = tqdm(total=total, initial=total - len(todo), unit="run", desc="sweep", dynamic_ncols=True,
-               disable=None if main and todo else True)  # None: shown on a terminal only
+    # a bar on a terminal, else a line every few seconds (the runs' own progress lines come from their trainers)
+    bar = progress_bar(total, "sweep", total - len(todo), "runs") if main and todo else tqdm(disable=True)
 
     def finish(name: str, outcome: dict[str, Any]) -> None:
         plan = todo[name]
-        head = f"[{number[name]}/{total}] {name}:"
+        done[0] += 1
+        head = f"[{done[0]}/{total}] {name}:"
         plan.seconds, plan.node, plan.gpu = outcome.get("seconds", 0.0), outcome.get("node"), outcome.get("gpu")
         if "interrupted" in outcome:  # it checkpointed first; the local engine stops the sweep here, Ray goes on
             plan.status, plan.error = "interrupted", outcome["interrupted"]
