@@ -41,6 +41,8 @@ def child(args) -> None:
     """One setting in this process: time the quickstart's step; print one JSON line."""
     import tempfile
 
+    policy = os.environ.get("OMP_WAIT_POLICY", "default")  # as the OpenMP runtime reads it when torch loads first
+
     if args.before_import_torch:
         import torch  # noqa: F401  (the OpenMP runtime loads with the policy set by the parent, nothing else)
     from kdarena.config import load
@@ -87,7 +89,8 @@ def child(args) -> None:
                 times.append(time.perf_counter() - start)
         trainer.metrics.close()
     print(json.dumps({"step_s": statistics.median(times), "threads": torch.get_num_threads(),
-                      "policy": os.environ.get("OMP_WAIT_POLICY", "default"), "busy_cpus": busy, "load1": load_avg}))
+                      "policy": policy if args.before_import_torch else os.environ.get("OMP_WAIT_POLICY", "default"),
+                      "busy_cpus": busy, "load1": load_avg}))
 
 
 def spinners(count: int) -> list[subprocess.Popen]:

@@ -30,6 +30,13 @@ FORMAT_IN_PROSE = {"safetensors": "a safetensors", "torchscript": "a TorchScript
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+# Bounds checked before anything is built from a card (a tampered one set the memory used: image_size 8000
+# reached 5.1 GB, an ensemble of 200 wrn28_10 built 7.9 GB of networks, a std of 1e-310 gave NaN probabilities).
+MAX_SIDE = 1024  # pixels a side: above any resolution kdarena trains at
+MAX_NETWORKS = 16  # networks of an exported ensemble
+MAX_CLASSES = 100_000
+MIN_STD = 1e-3  # a pixel std (on the 0..1 scale) below this scales inputs past what float32 holds
+Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -38,18 +45,18 @@ class _Strict(BaseModel):
 
 
 class CardInput(_Strict):
-    shape: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)]
+    shape: Annotated[list[Side], Field(min_length=3, max_length=3)]
     dtype: str = "float32"
     layout: str = "NCHW"
 
 
 class Preprocessing(_Strict):
     color: Literal["RGB", "L"]
-    size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
+    size: Annotated[list[Side], Field(min_length=2, max_length=2)]
     resize: Literal["area", "bilinear"]
     steps: list[str] = Field(default_factory=list)
     mean: list[Finite]
-    std: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]]
+    std: list[Annotated[float, Field(ge=MIN_STD, allow_inf_nan=False)]]
 
 
 class ModelCard(_Strict):
@@ -59,11 +66,11 @@ class ModelCard(_Strict):
     sha256: Optional[Sha256] = None
     created: Optional[str] = None
     network: str
-    networks: list[int] = Field(default_factory=list)
-    architecture: Annotated[list[str], Field(min_length=1)]
+    networks: Annotated[list[int], Field(max_length=MAX_NETWORKS)] = Field(default_factory=list)
+    architecture: Annotated[list[str], Field(min_length=1, max_length=MAX_NETWORKS)]
     output: Literal["logits", "log_mean_probabilities"] = "logits"
-    num_classes: PositiveInt
-    classes: list[str]
+    num_classes: Annotated[int, Field(ge=1, le=MAX_CLASSES)]
+    classes: Annotated[list[str], Field(max_length=MAX_CLASSES)]
     input: CardInput
     preprocessing: Preprocessing
     accuracy: dict[str, Any] = Field(default_factory=dict)
