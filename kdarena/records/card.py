@@ -13,7 +13,9 @@ file, not for the card itself. Fields, in the order written:
 * ``num_classes``, ``classes`` (class names, index = output column), ``input`` (shape C, H, W);
 * ``preprocessing``: exactly what ``kdarena eval`` feeds the network;
 * ``accuracy``: top-1/top-5 on val and test at the exported weights' epoch, at the last epoch and at
-  the epoch of the best validation top-1 (from the run's epoch records);
+  the epoch of the best validation top-1 (from the run's epoch records; ``measured_in``: the precision
+  the run evaluated in, e.g. bf16), and ``exported_file``: the exported network's own fp32 top-1/top-5,
+  measured at export when the run's data was still where it trained (absent otherwise);
 * ``source``: the run folder, the checkpoint, its sha256 and epoch; ``versions``; ``config``: the run's.
 """
 from __future__ import annotations
