@@ -22,7 +22,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .. import safe_files
 from .epoch import EpochRecord
-from .folder import CHECKPOINTS, config_path, inputs_path, metrics_path, summary_path
+from .folder import CHECKPOINTS, METRICS_MAX_BYTES, config_path, inputs_path, metrics_path, summary_path
 from .inputs import RunInputs
 from .numbers import first_problem
 from .summary import StoredConfig, Summary, SummaryConfig
@@ -32,8 +32,7 @@ log = logging.getLogger("kdarena")
 SEED_SUFFIX = re.compile(r"-seed(\d+)$")
 _SKIP_DIRS = {CHECKPOINTS, "tensorboard", "plots"}
 #: Far above any real file of its kind: a larger one (or a link to one) is refused unread.
-SUMMARY_MAX_BYTES = 16 * 2**20
-METRICS_MAX_BYTES = 512 * 2**20
+SUMMARY_MAX_BYTES = 16 * 2**20  # metrics.jsonl: folder.METRICS_MAX_BYTES
 
 
 class DamagedFile(Exception):
