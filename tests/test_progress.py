@@ -34,3 +34,21 @@ def test_training_and_evaluation_print_progress_lines_into_a_log(monkeypatch, tm
     assert any(line.startswith("epoch 1/1: 2/2 steps (100%), ") and ", loss=" in line for line in err), err[:3]
     for what in ("evaluating val", "evaluating test", "evaluating mean0 on test"):
         assert any(line.startswith(f"{what}: ") and " batches (100%)" in line for line in err), (what, err[-10:])
+
+
+def test_predict_on_many_images_prints_progress_lines_into_a_log(monkeypatch, tmp_path, capsys):
+    # tqdm wrote carriage-return updates into a log file; now plain lines (every update here)
+    pytest.importorskip("PIL")
+    from test_deploy import run_config, write_images
+
+    from kdarena.deploy.predict import predict
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)
+    monkeypatch.setenv("KDARENA_CACHE", str(tmp_path / "cache"))
+    root = write_images(tmp_path / "data", train_per_class=8, test_per_class=340)  # 1,020 test images
+    train(run_config(root, val_size=3), run_dir=tmp_path / "run")
+    capsys.readouterr()
+    result = predict(str(tmp_path / "run"), [str(root / "test")], batch_size=512)
+    assert len(result.names) == 1020
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("predicting: ")]
+    assert [line.split(",")[0] for line in lines] == ["predicting: 512/1020 images (50%)", "predicting: 1020/1020 images (100%)"]

@@ -15,16 +15,15 @@ import io
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..config import DataConfig, TrainConfig
 from ..engine.evaluate import autocast_context
+from ..progress import progress_bar
 from .errors import PredictError
 from .inputs import batches, gather
 from .load import load_model
@@ -87,8 +86,8 @@ def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int |
     out = Predictions(card, notes=images.notes)
     classes = card["num_classes"]
     k5, shown = min(5, classes), min(top_k, classes)
-    bar = tqdm(total=len(images.items), desc="predicting", unit="img", leave=False, file=sys.stderr,
-               disable=not progress or len(images.items) < 1000)
+    # a bar on a terminal, a line every few seconds in a log
+    bar = progress_bar(len(images.items), "predicting", unit="images") if progress and len(images.items) >= 1000 else None
     with torch.no_grad():
         for x, idx, labels in batches(images, card, batch_size, workers):
             if channels_last:
@@ -107,8 +106,10 @@ def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int |
             out.counts["labelled"] += int(known.sum())
             out.counts["top1"] += int(hits[:, 0].sum())
             out.counts["top5"] += int(hits.any(dim=1).sum())
-            bar.update(len(idx))
-    bar.close()
+            if bar is not None:
+                bar.update(len(idx))
+    if bar is not None:
+        bar.close()
     out.skipped = images.skipped
     if not out.names:  # every image was skipped: nothing was predicted, which is not a success
         raise PredictError(f"none of the {len(images.items)} image(s) could be decoded (first: {images.skipped[0]}); "

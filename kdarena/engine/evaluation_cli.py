@@ -30,9 +30,9 @@ def evaluate_checkpoint(path: str, split: str = "test", overrides: list[str] | N
         raise ckpt.CheckpointError(f"checkpoint {path} does not fit the configured models and data set: "
                                    f"{str(error).splitlines()[0]}; evaluate it with the models and data.name it was trained with") from None
     results: dict[str, Any] = {"checkpoint": path, "epoch": state["epoch"], "split": split}
-    results.update(evaluate(group, loader, device, config.train.precision))
+    results.update(evaluate(group, loader, device, config.train.precision, f"evaluating {split}"))
     for name, network in _method_networks(config, data, group, device, state).items():
-        for metric, value in evaluate_network(network, loader, device, config.train.precision).items():
+        for metric, value in evaluate_network(network, loader, device, config.train.precision, f"evaluating {name}").items():
             results[f"{name}/{metric}"] = value
     return results
 
