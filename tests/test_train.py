@@ -387,4 +387,4 @@ def test_summary_and_report_give_train_evaluation_and_total_seconds(tmp_path, ca
     assert "seconds: train + eval = total" in text
     from kdarena.records.summary import Summary
 
-    assert f"seconds: {summary['train_seconds']:.0f} train + {summary['eval_seconds']:.0f} evaluation" in Summary.model_validate(summary).table()
+    assert f"seconds: {summary['train_seconds']:.1f} train + {summary['eval_seconds']:.1f} evaluation" in Summary.model_validate(summary).table()

@@ -175,10 +175,10 @@ class Summary(_Lenient):
         return "\n".join(lines)
 
     def seconds_note(self) -> str:
-        """``  seconds: 147 train + 307 evaluation = 454`` ('' for a summary written before they were recorded)."""
+        """``  seconds: 147.0 train + 307.2 evaluation = 454.2`` ('' for a summary written before they were recorded)."""
         if self.eval_seconds is None or self.train_seconds is None or self.total_seconds is None:
             return ""
-        return f"  seconds: {self.train_seconds:.0f} train + {self.eval_seconds:.0f} evaluation = {self.total_seconds:.0f}"
+        return f"  seconds: {self.train_seconds:.1f} train + {self.eval_seconds:.1f} evaluation = {self.total_seconds:.1f}"
 
     def accuracy_note(self) -> str:
         """``; last test top-1 71.20 / 70.85 (ensemble 72.40)``: the tail of a sweep's line for a run ('' before any test)."""
