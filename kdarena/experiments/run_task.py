@@ -56,7 +56,8 @@ def execute_run(config: dict[str, Any], run_dir: str, stop_requested: threading.
     action = next_action(path)
     outcome: dict[str, Any] = {"action": action, "node": platform.node()}
     if stop_requested is not None and stop_requested.is_set():  # the sweep stopped before this run began
-        return {**outcome, "interrupted": "the sweep was interrupted before this run started", "seconds": 0.0}
+        return {**outcome, "interrupted": "the sweep was interrupted before this run started", "seconds": 0.0,
+                "started": False}
     log.info("%s: %s -> %s", path.name, "resuming" if action == "resumed" else "starting", path)
     start = time.perf_counter()
     stop = stop_requested if stop_requested is not None else threading.Event()

@@ -282,6 +282,9 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
 
     def finish(name: str, outcome: dict[str, Any]) -> None:
         plan = todo[name]
+        if outcome.get("started") is False:  # the sweep stopped before this run began: it stays pending
+            index()
+            return
         done[0] += 1
         head = f"[{done[0]}/{total}] {name}:"
         plan.seconds, plan.node, plan.gpu = outcome.get("seconds", 0.0), outcome.get("node"), outcome.get("gpu")
@@ -303,10 +306,7 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str] | None = 
 
     try:
         executor.run(exp_dir, [(name, plan.config, plan.run_dir) for name, plan in todo.items()], finish)
-    except KeyboardInterrupt:
-        for plan in todo.values():
-            if plan.status == "pending":
-                plan.status = "interrupted"
+    except KeyboardInterrupt:  # a run that never started stays pending (it was called interrupted)
         index()
         say(f"sweep interrupted; the same command again skips the finished runs and resumes the others ({exp_dir})")
         raise
