@@ -72,7 +72,8 @@ def child(args) -> None:
     def build(config, device, rank=0, world=1):
         loader = TensorLoader(data, config.data.batch_size, device=device, train=True, seed=config.seed,
                               rank=rank, world_size=world, channels_last=config.train.channels_last)
-        return DataBundle(loader, None, None, 10, 1, [str(c) for c in range(10)])
+        test = TensorLoader(data, config.data.eval_batch_size, device=device, train=False)  # what inputs.json records
+        return DataBundle(loader, None, test, 10, 1, [str(c) for c in range(10)])
 
     device = resolve_device(config.train.device, DistInfo())
     parts = build_parts(config, device, data_override=build)
