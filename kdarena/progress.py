@@ -6,12 +6,14 @@ printed instead every :data:`PLAIN_EVERY_S` seconds: ``epoch 3/60: 120/352 steps
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import IO, Any
 
-#: seconds between two plain progress lines (a log gains a line per 10 s of a long loop, not one per step)
-PLAIN_EVERY_S = 10.0
+#: seconds between two plain progress lines (a log gains a line per 10 s of a long loop, not one per step);
+#: $KDARENA_PROGRESS_EVERY sets another interval, for this process and the sweep workers it starts
+PLAIN_EVERY_S = float(os.environ.get("KDARENA_PROGRESS_EVERY", "10"))
 
 
 class PlainProgress:
