@@ -93,3 +93,11 @@ def test_the_card_states_the_fp32_accuracy_of_the_file_and_predict_matches_onnxr
     order = {name: i for i, name in enumerate(images.names)}
     worst = max(abs(p - float(onnx[order[name], c])) for name, top in zip(result.names, result.top) for c, p in top)
     assert len(result.names) == len(images.items) and worst <= 1e-5, worst
+
+
+def test_an_override_given_with_an_exported_file_is_refused(moved, tmp_path, capsys):
+    run, data = moved
+    out = tmp_path / "net.safetensors"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert main(["predict", str(out), str(data / "test"), f"data.root={data}"]) == 2  # not silently ignored
+    assert f"data.root={data}: key=value overrides change a run folder's config; {out} is a file" in _error(capsys)

@@ -39,6 +39,8 @@ def load_model(path: str | Path, network: str = "best", checkpoint: str = "best"
         return _from_run(path.parent.parent, path.stem, network, overrides)
     if not path.is_file():
         raise ExportError(f"{path} does not exist; give a file made by kdarena export or a run folder")
+    if overrides:  # an exported file carries no config to change
+        raise ExportError(f"{' '.join(overrides)}: key=value overrides change a run folder's config; {path} is a file")
     card = read_card(path)
     if card["format"] != "safetensors":
         raise ExportError(f"{path} is {FORMAT_IN_PROSE[card['format']]} export, a program kdarena does not load (load it with "
