@@ -9,7 +9,9 @@
 """
 from __future__ import annotations
 
+import io
 import json
+import re
 import os
 import signal
 import socket
@@ -296,3 +298,34 @@ def test_a_ray_sweeps_log_shows_progress_lines_while_runs_train(tmp_path, capfd,
     out = capfd.readouterr()
     lines = [line for line in (out.out + out.err).splitlines() if f"epoch 1/{EPOCHS}: " in line and " steps (" in line]
     assert lines and any("steps (100%)" in line for line in lines), (out.out + out.err)[-2000:]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_rays_notice_at_start_is_not_written_over_the_sweeps_bar(monkeypatch):
+    # "Token authentication is enabled for this Ray cluster..." landed on the progress bar's line (issue 37)
+    pytest.importorskip("ray")
+    from tqdm import tqdm
+
+    from kdarena.experiments.ray_engine import RayEngine
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+
+    class FakeRay:
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **options) -> None:
+            print("NOTICE from ray.init", file=sys.stderr)
+
+    engine = RayEngine(None, None)
+    engine.ray = FakeRay()
+    bar = tqdm(total=2, desc="sweep", file=sys.stderr)
+    assert engine._connect() is True
+    bar.close()
+    before = terminal.getvalue().split("NOTICE")[0]
+    assert re.search(r"it/s\]\r {20,}\r$", before), repr(before[-80:])  # the bar was drawn, then cleared for the notice

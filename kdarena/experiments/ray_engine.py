@@ -231,15 +231,19 @@ class RayEngine:
 
     def _connect(self) -> bool:
         """Start or join Ray; True when this sweep started it (and so shuts it down)."""
+        from tqdm import tqdm
+
         ray = self.ray
         if ray.is_initialized():
             return False
         if self.address is None:
-            ray.init(include_dashboard=False, configure_logging=False)
+            with tqdm.external_write_mode():  # Ray's notices (token authentication) on their own line, not on the bar
+                ray.init(include_dashboard=False, configure_logging=False)
             return True
         check_reachable(self.address)
         try:
-            ray.init(address=self.address, configure_logging=False)
+            with tqdm.external_write_mode():
+                ray.init(address=self.address, configure_logging=False)
         except ConnectionError as error:
             raise RayEngineError(f"--address {self.address}: cannot join the Ray cluster there ({error_text(error)}); "
                                  "check the address (ray status on the head node prints it)") from None
