@@ -17,13 +17,14 @@ RESIZE_STEPS = {
 
 def preprocessing(data) -> dict[str, Any]:
     """How the run's evaluation decodes and normalises an image (in-memory sets and streamed folders differ)."""
-    dataset = getattr(data.test, "dataset", None)
+    loader = data.test if data.test is not None else data.train  # every split is decoded and normalised alike
+    dataset = getattr(loader, "dataset", None)
     if isinstance(dataset, ArrayDataset):
         channels, height, width = (int(v) for v in dataset.images.shape[1:])
         mean, std, resize = dataset.mean, dataset.std, "area"
     else:  # a streamed image folder (FolderLoader over an ImageFolder)
         channels, height, width = dataset.image_shape
-        mean, std, resize = data.test.mean, data.test.std, "bilinear"
+        mean, std, resize = loader.mean, loader.std, "bilinear"
     return {
         "color": "RGB" if channels == 3 else "L",
         "size": [height, width],
