@@ -197,6 +197,18 @@ def undisturbed(cluster, tmp_path_factory):
     return {"tmp": tmp, "config": config, "exp": tmp / "exp", "records": records}
 
 
+def test_a_ray_sweeps_log_shows_progress_lines_while_runs_train(tmp_path, capfd, monkeypatch):
+    # with no terminal (a log file) a Ray sweep printed no progress at all (issue 37); its workers' trainers now
+    # print plain lines (every 0 s here, every 10 s by default), which Ray forwards to the driver's output
+    pytest.importorskip("ray")  # (before the cluster tests: their Ray's workers would not see the variable)
+    monkeypatch.setenv("KDARENA_PROGRESS_EVERY", "0")  # read by the workers Ray starts from this process
+    outcome = run_sweep(_config(tmp_path, EPOCHS), ["train.progress=true"], "dml", "0", tmp_path / "exp", engine="ray")
+    assert [r["status"] for r in outcome] == ["trained"]
+    out = capfd.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if f"epoch 1/{EPOCHS}: " in line and " steps (" in line]
+    assert lines and any("steps (100%)" in line for line in lines), (out.out + out.err)[-2000:]
+
+
 def test_the_sweep_spreads_over_both_nodes(cluster, undisturbed):
     _, workers = cluster
     index = _runs(undisturbed["exp"])
@@ -286,18 +298,6 @@ def test_an_interrupted_driver_then_the_same_sweep_resumes(cluster, undisturbed,
     assert _epochs(exp / long) == list(range(LONG_EPOCHS))  # each epoch once
     for name in short:  # the undisturbed sweep's runs
         assert comparable(exp / name) == comparable(undisturbed["exp"] / name), name
-
-
-def test_a_ray_sweeps_log_shows_progress_lines_while_runs_train(tmp_path, capfd, monkeypatch):
-    # with no terminal (a log file) a Ray sweep printed no progress at all (issue 37); its workers' trainers now
-    # print plain lines (every 0 s here, every 10 s by default), which Ray forwards to the driver's output
-    pytest.importorskip("ray")
-    monkeypatch.setenv("KDARENA_PROGRESS_EVERY", "0")  # read by the workers Ray starts from this process
-    outcome = run_sweep(_config(tmp_path, EPOCHS), ["train.progress=true"], "dml", "0", tmp_path / "exp", engine="ray")
-    assert [r["status"] for r in outcome] == ["trained"]
-    out = capfd.readouterr()
-    lines = [line for line in (out.out + out.err).splitlines() if f"epoch 1/{EPOCHS}: " in line and " steps (" in line]
-    assert lines and any("steps (100%)" in line for line in lines), (out.out + out.err)[-2000:]
 
 
 class _Terminal(io.StringIO):
