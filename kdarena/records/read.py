@@ -32,7 +32,7 @@ log = logging.getLogger("kdarena")
 SEED_SUFFIX = re.compile(r"-seed(\d+)$")
 _SKIP_DIRS = {CHECKPOINTS, "tensorboard", "plots"}
 #: Far above any real file of its kind: a larger one (or a link to one) is refused unread.
-SUMMARY_MAX_BYTES = 16 * 2**20  # metrics.jsonl: folder.METRICS_MAX_BYTES
+SUMMARY_MAX_BYTES = 16 * 2**20  # (the epoch log's own cap: folder.METRICS_MAX_BYTES)
 
 
 class DamagedFile(Exception):
