@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -77,14 +76,8 @@ def test_a_name_too_long_and_a_missing_parent_file_are_one_line(run, tmp_path, c
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    folder = tmp_path / "tmpfs"
-    folder.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)
+def small_tmpfs(mount_tmpfs):
+    return mount_tmpfs("64k")
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

@@ -179,14 +179,8 @@ def test_resume_applies_and_records_resumable_overrides(tmp_path, capsys):
 
 # ============================================================================== 5. a real full disk
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    folder = tmp_path / "tmpfs"
-    folder.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)
+def small_tmpfs(mount_tmpfs):
+    return mount_tmpfs("4m")
 
 
 def fill_up(folder: Path, leave: int) -> Path:
