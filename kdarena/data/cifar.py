@@ -26,6 +26,7 @@ import torch
 
 from ..errors import DataError, DataFilesNotFoundError
 from .datasets import ArrayDataset, cache_dir, search_dirs
+from .sources import ARCHIVE_SUFFIXES
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -198,7 +199,7 @@ def stored_as_image_files(name: str, root: str | None) -> bool:
     if not root:
         return False
     path = os.path.expanduser(root)
-    if path.lower().endswith((".tar", ".tar.gz", ".tgz", ".zip")):  # the official pickles come extracted
+    if path.lower().endswith(ARCHIVE_SUFFIXES):  # the official pickles come extracted
         return True
     if not os.path.isdir(path) or find_dir(name, root)[0] is not None:
         return False
